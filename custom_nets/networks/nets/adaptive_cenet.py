@@ -82,6 +82,7 @@ class AdaptiveCENet(nn.Module):
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = out_channels
+        self.divisor = 32  # total stride of the encoder
         self.interpolation = "bilinear" if spatial_dims == 2 else "trilinear"
 
         self.encoder = ResNetEncoder(spatial_dims, in_channels, depth=34)
@@ -102,7 +103,7 @@ class AdaptiveCENet(nn.Module):
         self.head = Conv[Conv.CONV, spatial_dims](decoder_channels, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_channels, self.spatial_dims, 32)
+        check_input(x, self.in_channels, self.spatial_dims, self.divisor)
         _, e1, e2, e3, e4 = self.encoder(x)
         context = self.rmp(self.aac(e4))
         e2 = e2 + self.aggregation([e1, e2, e3, e4], e2)
