@@ -1,0 +1,17 @@
+"""``python -m custom_nets <command>``: the project's command line (fire)."""
+
+from __future__ import annotations
+
+import fire
+
+
+def main() -> None:
+    # Imported on use, so ``--help`` of one command does not load the others' dependencies.
+    from custom_nets.tracking.architectures import architectures_command
+    from custom_nets.tracking.compare import compare_command
+
+    fire.Fire({"compare": compare_command, "architectures": architectures_command})
+
+
+if __name__ == "__main__":
+    main()

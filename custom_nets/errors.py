@@ -1,0 +1,61 @@
+"""
+Errors about the user's input, and a one-line report of them at the end of a command-line run.
+
+MONAI's bundle CLI wraps every error raised inside a config expression in ``RuntimeError: Failed to
+evaluate ...`` and prints a long traceback whose last line hides the real problem. A bundle's
+``initialize`` section calls :func:`install_excepthook`, so a run that ends on an input problem (an
+:class:`InputError`, a missing file, a denied permission) prints one line instead::
+
+    ERROR: /data/hc18/training_set: folder not found; --dataset_dir must hold the HC18 layout (...)
+
+Set ``CUSTOM_NETS_TRACEBACK=1`` to get the full traceback back. Library callers are unaffected: the
+exceptions themselves are ordinary ``ValueError``/``OSError`` subclasses.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import TracebackType
+
+__all__ = ["InputError", "input_error_in", "install_excepthook"]
+
+# Besides InputError, these mean "a path the user gave is wrong"; their messages name the path.
+_USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+class InputError(ValueError):
+    """A file, folder or setting given by the user cannot be used; the message is one line that names it."""
+
+
+def input_error_in(error: BaseException) -> BaseException | None:
+    """The first :class:`InputError` (or missing-file / permission error) in ``error``'s cause chain, if any."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (InputError, *_USER_OS_ERRORS)):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _excepthook(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+    cause = input_error_in(error)
+    if cause is None or os.environ.get("CUSTOM_NETS_TRACEBACK", "").lower() in ("1", "true", "yes"):
+        sys.__excepthook__(kind, error, traceback)
+        return
+    message = " ".join(str(cause).split()) or type(cause).__name__
+    print(f"ERROR: {message}", file=sys.stderr)
+
+
+def install_excepthook() -> None:
+    """
+    Make an uncaught input error end the process with one ``ERROR: <message>`` line on stderr (exit
+    status 1) instead of a traceback. Other exceptions keep Python's default report.
+
+    Example (first item of a bundle config's ``initialize`` list)::
+
+        "initialize": ["$custom_nets.errors.install_excepthook()", ...]
+    """
+    sys.excepthook = _excepthook
