@@ -18,7 +18,7 @@ import os
 import sys
 from types import TracebackType
 
-__all__ = ["InputError", "input_error_in", "install_excepthook"]
+__all__ = ["InputError", "exception_chain", "input_error_in", "install_excepthook"]
 
 # Besides InputError, these mean "a path the user gave is wrong"; their messages name the path.
 _USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -28,16 +28,19 @@ class InputError(ValueError):
     """A file, folder or setting given by the user cannot be used; the message is one line that names it."""
 
 
+def exception_chain(error: BaseException) -> list[BaseException]:
+    """``error`` followed by its causes (``raise ... from``) or contexts, outermost first, cycles cut."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and all(current is not e for e in chain):
+        chain.append(current)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return chain
+
+
 def input_error_in(error: BaseException) -> BaseException | None:
     """The first :class:`InputError` (or missing-file / permission error) in ``error``'s cause chain, if any."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, (InputError, *_USER_OS_ERRORS)):
-            return current
-        current = current.__cause__ or current.__context__
-    return None
+    return next((e for e in exception_chain(error) if isinstance(e, (InputError, *_USER_OS_ERRORS))), None)
 
 
 def _excepthook(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:

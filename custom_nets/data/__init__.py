@@ -1,0 +1,1 @@
+"""Data layers: dataset layouts, volume reading/writing, synthetic dataset generators."""

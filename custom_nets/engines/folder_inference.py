@@ -1,0 +1,203 @@
+"""
+Run a bundle's network on every image of a folder, one case at a time: a broken file is reported and
+skipped, the others are processed, and the run ends with the list of failures and a non-zero exit.
+
+MONAI's ``SupervisedEvaluator`` stops at the first unreadable file; a clinical batch job must not.
+The network part stays MONAI's: ``preprocessing`` and ``postprocessing`` are MONAI transforms and
+``inferer`` a MONAI inferer, so the same config keys serve MONAI Label and TorchScript inference.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.data import MetaTensor
+from monai.inferers import Inferer, SimpleInferer
+
+from custom_nets.data.atomic_write import write_csv_atomic
+from custom_nets.errors import InputError, exception_chain
+
+__all__ = ["IMAGE_SUFFIXES", "list_images", "one_line_error", "FolderInference"]
+
+# MONAI's wrapper of transform errors: "applying transform <monai.transforms.io.dictionary.LoadImaged object at 0x..>"
+_MONAI_TRANSFORM = re.compile(r"applying transform <[\w.]*?\.(\w+) object")
+
+#: File suffixes read as images by default: 2D formats, NIfTI and DICOM files.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".dcm", ".dicom")
+
+
+def list_images(
+    input_dir: str | os.PathLike, suffixes: Sequence[str] = IMAGE_SUFFIXES, exclude: Sequence[str] = ()
+) -> list[str]:
+    """
+    The image files in ``input_dir`` (not recursive), sorted; hidden files, other suffixes and names
+    matching a glob pattern of ``exclude`` (e.g. ``"*_Annotation.png"``) are skipped.
+
+    Raises:
+        InputError: ``input_dir`` is not a folder or holds no file with one of ``suffixes``.
+    """
+    folder = Path(input_dir)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: input folder not found")
+    wanted = tuple(s.lower() for s in suffixes)
+    files = sorted(
+        str(p)
+        for p in folder.iterdir()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.name.lower().endswith(wanted)
+        and not any(fnmatch.fnmatch(p.name, pattern) for pattern in exclude)
+    )
+    if not files:
+        raise InputError(f"{folder}: no image file ({', '.join(suffixes)}) in the folder")
+    return files
+
+
+def one_line_error(error: BaseException) -> str:
+    """
+    One line saying what went wrong: the innermost cause (``Type: first line``), prefixed with the MONAI
+    transform that raised it when there is one (MONAI wraps errors as ``applying transform <...>``).
+
+    Example::
+
+        one_line_error(e)  # "LoadImaged: OSError: image file is truncated (8 bytes not processed)"
+    """
+    chain = exception_chain(error)
+    root = chain[-1]
+    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+    kind = type(root).__name__ if type(root).__module__ == "builtins" else f"{type(root).__module__}.{type(root).__name__}"
+    message = f"{kind}: {lines[0] if lines else 'no message'}"
+    for e in chain:
+        match = _MONAI_TRANSFORM.search(str(e))
+        if match:
+            message = f"{match.group(1)}: {message}"
+            break
+    return message if len(message) <= 300 else message[:297] + "..."
+
+
+class FolderInference:
+    """
+    Infer each input in turn with MONAI transforms and a MONAI inferer, isolating failures per case.
+
+    For every input: ``preprocessing({image_key: path})`` -> ``inferer(image[None], network)`` ->
+    ``postprocessing`` -> each of ``case_outputs`` (e.g. a mask writer, an overlay writer, a
+    measurement) called with the case dict, returning CSV columns. Any exception in these steps marks
+    that case as failed with a one-line reason; the next case goes on. At the end a CSV with one row
+    per input (``status`` ``ok`` or the reason) is written atomically to ``results_csv``, the failures
+    are logged, and, when there were failures and ``exit_code_on_failure`` is set, the process exits
+    with that code (so a pipeline notices) without a traceback.
+
+    Args:
+        inputs: image paths (or dicts with ``image_key``), e.g. from :func:`list_images`.
+        network: the model; put in eval mode and run without gradients.
+        preprocessing: MONAI (dictionary) transform producing ``image_key`` as a channel-first tensor.
+        postprocessing: MONAI (dictionary) transform of the case dict with ``pred_key`` (e.g.
+            ``Activationsd``, ``Invertd`` back to the original size, ``AsDiscreted``).
+        device: device of the network; inputs are moved there.
+        inferer: a MONAI inferer (default ``SimpleInferer``).
+        case_outputs: callables ``case -> {column: value} | None`` run after post-processing.
+        results_csv: where the per-case table goes (``None``: not written).
+        amp: run the network under CUDA autocast (only on a CUDA device).
+        image_key: key of the image in the case dict.
+        pred_key: key of the prediction.
+        exit_code_on_failure: exit code when a case failed (``None``: just return the report).
+
+    Returns from :meth:`run` the rows of the results table.
+
+    Example (the ``run`` section of an ``inference.json``)::
+
+        "runner": {"_target_": "custom_nets.engines.folder_inference.FolderInference",
+                   "inputs": "$custom_nets.engines.folder_inference.list_images(@input_dir)",
+                   "network": "@network", "preprocessing": "@preprocessing",
+                   "postprocessing": "@postprocessing", "inferer": "@inferer", "device": "@device",
+                   "case_outputs": ["@mask_writer"], "results_csv": "$@output_dir + '/results.csv'"},
+        "run": ["$@runner.run()"]
+    """
+
+    def __init__(
+        self,
+        inputs: Sequence[str | os.PathLike | Mapping[str, Any]],
+        network: torch.nn.Module,
+        preprocessing: Callable,
+        postprocessing: Callable | None = None,
+        device: str | torch.device = "cpu",
+        inferer: Inferer | None = None,
+        case_outputs: Sequence[Callable[[dict[str, Any]], Mapping[str, Any] | None]] = (),
+        results_csv: str | os.PathLike | None = None,
+        amp: bool = False,
+        image_key: str = "image",
+        pred_key: str = "pred",
+        exit_code_on_failure: int | None = 1,
+        name: str = "FolderInference",
+    ) -> None:
+        self.inputs = [dict(i) if isinstance(i, Mapping) else {image_key: os.fspath(i)} for i in inputs]
+        self.network = network
+        self.preprocessing = preprocessing
+        self.postprocessing = postprocessing
+        self.device = torch.device(device)
+        self.inferer = inferer if inferer is not None else SimpleInferer()
+        self.case_outputs = list(case_outputs)
+        self.results_csv = results_csv
+        self.amp = amp and self.device.type == "cuda"
+        self.image_key = image_key
+        self.pred_key = pred_key
+        self.exit_code_on_failure = exit_code_on_failure
+        self.logger = logging.getLogger(name)
+
+    def _infer_one(self, item: dict[str, Any]) -> dict[str, Any]:
+        case = self.preprocessing(dict(item))
+        image = case[self.image_key]
+        autocast = torch.autocast("cuda") if self.amp else nullcontext()
+        # a plain tensor through the network: MetaTensor bookkeeping on every layer costs more than the
+        # network itself on small inputs; the prediction gets the image's metadata back for Invertd
+        with torch.no_grad(), autocast:
+            pred = self.inferer(torch.as_tensor(image)[None].to(self.device), self.network)[0].float().cpu()
+        meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
+        case[self.pred_key] = MetaTensor(pred, meta=meta) if meta else pred
+        if self.postprocessing is not None:
+            case = self.postprocessing(case)
+        columns: dict[str, Any] = {}
+        for output in self.case_outputs:
+            columns.update(output(case) or {})
+        return columns
+
+    def run(self) -> list[dict[str, Any]]:
+        """Infer every input; write the results table; exit with ``exit_code_on_failure`` when a case failed."""
+        self.network.eval()
+        rows: list[dict[str, Any]] = []
+        failures: list[tuple[str, str]] = []
+        start = time.perf_counter()
+        for index, item in enumerate(self.inputs, start=1):
+            path = str(item.get(self.image_key))
+            try:
+                columns = self._infer_one(item)
+            except Exception as e:  # one broken case must not stop the batch
+                reason = one_line_error(e)
+                failures.append((path, reason))
+                rows.append({"image": os.path.basename(path), "status": f"failed: {reason}"})
+                self.logger.error(f"[{index}/{len(self.inputs)}] {path}: {reason}")
+                continue
+            rows.append({"image": os.path.basename(path), "status": "ok", **columns})
+            self.logger.info(f"[{index}/{len(self.inputs)}] {os.path.basename(path)}: ok")
+        if self.results_csv is not None:
+            write_csv_atomic(self.results_csv, rows)
+            self.logger.info(f"results table: {self.results_csv}")
+        elapsed = time.perf_counter() - start
+        done = len(rows) - len(failures)
+        self.logger.info(f"{done} of {len(rows)} image(s) processed in {elapsed:.1f} s")
+        if failures:
+            self.logger.error(f"{len(failures)} image(s) failed:")
+            for path, reason in failures:
+                self.logger.error(f"  {path}: {reason}")
+            if self.exit_code_on_failure is not None:
+                raise SystemExit(self.exit_code_on_failure)
+        return rows

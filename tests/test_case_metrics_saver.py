@@ -1,0 +1,117 @@
+"""CaseMetricsSaver on a real MONAI SupervisedEvaluator: one row per case from MONAI's metric handlers, and a summary."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from monai.data import DataLoader, Dataset, MetaTensor
+from monai.engines import SupervisedEvaluator
+from monai.handlers import ConfusionMatrix, HausdorffDistance, MeanDice, from_engine
+from monai.transforms import AsDiscreted
+
+from custom_nets.handlers.case_metrics_saver import CaseMetricsSaver
+
+
+class _Passthrough(torch.nn.Module):
+    """Logits that make the binary image itself the prediction."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([1 - x, x], dim=1) * 10
+
+
+def _square(lo: int, hi: int, size: int = 16) -> torch.Tensor:
+    mask = torch.zeros(1, size, size)
+    mask[:, lo:hi, lo:hi] = 1
+    return mask
+
+
+# (prediction, label) per case: Dice 1, Dice 2*16/(16+36) and an empty prediction (Dice 0, HD95 undefined)
+CASES = [
+    ("a.png", _square(4, 8), _square(4, 8)),
+    ("b.png", _square(4, 8), _square(4, 10)),
+    ("c.png", torch.zeros(1, 16, 16), _square(4, 8)),
+]
+EXPECTED_DICE = [1.0, 2 * 16 / (16 + 36), 0.0]
+
+
+def _run(tmp_path, publish=("size_px",)):
+    data = [
+        {"image": MetaTensor(pred, meta={"filename_or_obj": f"/data/{name}"}), "label": label, "size_px": float(label.sum())}
+        for name, pred, label in CASES
+    ]
+    metrics = {
+        "val_mean_dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"])),
+    }
+    extra = {
+        "val_precision": ConfusionMatrix(include_background=False, metric_name="precision", compute_sample=True, output_transform=from_engine(["pred", "label"])),
+        "val_hd95": HausdorffDistance(include_background=False, percentile=95, output_transform=from_engine(["pred", "label"])),
+    }
+    saver = CaseMetricsSaver(
+        output_dir=tmp_path,
+        metrics={"dice": metrics["val_mean_dice"], "precision": extra["val_precision"], "hd95": extra["val_hd95"]},
+        case_metrics=[lambda case: {"size_px": case["size_px"], "pred_px": float(case["pred"][1].sum())}],
+        publish=publish,
+    )
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=DataLoader(Dataset(data), batch_size=2),
+        network=_Passthrough(),
+        postprocessing=AsDiscreted(keys=["pred", "label"], argmax=[True, False], to_onehot=2),
+        key_val_metric=metrics,
+        additional_metrics=extra,
+        val_handlers=[saver],
+    )
+    evaluator.run()
+    with open(tmp_path / "metrics_per_case.csv") as f:
+        rows = list(csv.DictReader(f))
+    return evaluator, rows
+
+
+def test_one_row_per_case_with_monai_metric_values(tmp_path):
+    _, rows = _run(tmp_path)
+    assert [r["case"] for r in rows] == ["a.png", "b.png", "c.png"]
+    assert [float(r["dice"]) for r in rows] == pytest.approx(EXPECTED_DICE, abs=1e-5)
+    assert float(rows[1]["precision"]) == pytest.approx(1.0)  # the predicted square lies inside the label
+    assert float(rows[0]["hd95"]) == 0.0 and not np.isfinite(float(rows[2]["hd95"]))
+
+
+def test_case_metric_columns(tmp_path):
+    _, rows = _run(tmp_path)
+    assert [float(r["size_px"]) for r in rows] == [16.0, 36.0, 16.0]
+    assert [float(r["pred_px"]) for r in rows] == [16.0, 16.0, 0.0]
+
+
+def test_summary_matches_monai_aggregate_and_skips_non_finite(tmp_path):
+    evaluator, _ = _run(tmp_path)
+    summary = json.loads((tmp_path / "metrics_summary.json").read_text())
+    assert summary["cases"] == 3
+    assert summary["metrics"]["dice"]["mean"] == pytest.approx(evaluator.state.metrics["val_mean_dice"], abs=1e-6)
+    assert summary["metrics"]["hd95"]["count"] == 2
+    with open(tmp_path / "metrics_summary.csv") as f:
+        table = {row["metric"]: row for row in csv.DictReader(f)}
+    assert float(table["dice"]["median"]) == pytest.approx(EXPECTED_DICE[1], abs=1e-5)
+
+
+def test_published_means_reach_engine_metrics(tmp_path):
+    evaluator, _ = _run(tmp_path)
+    assert evaluator.state.metrics["size_px"] == pytest.approx(np.mean([16.0, 36.0, 16.0]))
+    assert "pred_px" not in evaluator.state.metrics
+
+
+def test_publishing_an_unknown_column_fails(tmp_path):
+    with pytest.raises(KeyError, match="cannot publish 'hc_mm'"):
+        _run(tmp_path, publish=("hc_mm",))
+
+
+def test_no_temporary_files_left(tmp_path):
+    _run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics_per_case.csv", "metrics_summary.csv", "metrics_summary.json"]
+
+
+def test_rejects_a_metric_that_is_not_a_monai_handler(tmp_path):
+    with pytest.raises(TypeError, match="MONAI metric handler"):
+        CaseMetricsSaver(tmp_path, metrics={"dice": lambda y_pred, y: 0.0})

@@ -1,0 +1,201 @@
+"""FolderInference and its per-case writers: PNG, NIfTI and DICOM in, masks at the original size out, broken files isolated."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Activationsd,
+    AsDiscreted,
+    Compose,
+    EnsureChannelFirstd,
+    Invertd,
+    Lambdad,
+    LoadImaged,
+    Resized,
+    ScaleIntensityd,
+)
+from PIL import Image
+
+from custom_nets.engines.case_writers import MaskWriter, OverlayWriter, split_suffix
+from custom_nets.engines.folder_inference import FolderInference, list_images, one_line_error
+from custom_nets.errors import InputError
+from image_files import write_dicom_2d, write_nifti_2d, write_png
+
+ROWS, COLS = 48, 64
+
+
+class _BrightIsForeground(torch.nn.Module):
+    """A stand-in network: logits that call pixels brighter than 0.5 foreground."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([0.5 - x, x - 0.5], dim=1) * 20
+
+
+def _picture() -> np.ndarray:
+    image = np.full((ROWS, COLS), 40, np.uint8)
+    image[10:30, 20:50] = 220  # the "head": a bright block
+    return image
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_png(folder / "a.png", _picture())
+    write_png(folder / "rgb.png", np.repeat(_picture()[..., None], 3, axis=-1))
+    write_nifti_2d(folder / "b.nii.gz", _picture(), spacing=(0.2, 0.3))
+    write_dicom_2d(folder / "c.dcm", _picture(), pixel_spacing=(0.25, 0.25), patient_name="Secret^Patient")
+    png = (folder / "a.png").read_bytes()
+    (folder / "broken.png").write_bytes(png[: len(png) // 2])  # truncated
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def _runner(inputs, out, **kwargs) -> FolderInference:
+    preprocessing = Compose(
+        [
+            LoadImaged("image"),
+            EnsureChannelFirstd("image"),
+            Lambdad("image", func=lambda x: x[:3].mean(0, keepdim=True)),
+            Lambdad("image", func=lambda x: x[..., 0] if x.ndim == 4 and x.shape[-1] == 1 else x),
+            ScaleIntensityd("image"),
+            Resized("image", spatial_size=(32, 32), mode="bilinear", anti_aliasing=True),
+        ]
+    )
+    postprocessing = Compose(
+        [
+            Activationsd("pred", softmax=True),
+            Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True),
+            AsDiscreted("pred", argmax=True),
+        ]
+    )
+    return FolderInference(
+        inputs=list_images(inputs),
+        network=_BrightIsForeground(),
+        preprocessing=preprocessing,
+        postprocessing=postprocessing,
+        case_outputs=[MaskWriter(out), OverlayWriter(out)],
+        results_csv=out / "results.csv",
+        **kwargs,
+    )
+
+
+def _assert_mask(mask: np.ndarray, foreground_value: int = 1) -> None:
+    """The bright block, back at the original size; resampling through 32x32 may flip a few corner pixels."""
+    expected = (_picture() > 128).astype(np.uint8) * foreground_value
+    assert mask.shape == expected.shape
+    assert np.mean(mask != expected) < 0.005
+
+
+def _results(out) -> dict[str, dict[str, str]]:
+    with open(out / "results.csv") as f:
+        return {row["image"]: row for row in csv.DictReader(f)}
+
+
+def test_list_images_keeps_image_suffixes_and_drops_excluded(inputs):
+    write_png(inputs / "a_Annotation.png", _picture())
+    names = [os.path.basename(p) for p in list_images(inputs, exclude=["*_Annotation.png"])]
+    assert names == ["a.png", "b.nii.gz", "broken.png", "c.dcm", "rgb.png"]
+
+
+@pytest.mark.parametrize("make", [lambda p: p / "missing", lambda p: p], ids=["missing-folder", "no-image"])
+def test_list_images_input_errors_name_the_folder(tmp_path, make):
+    folder = make(tmp_path)
+    with pytest.raises(InputError) as info:
+        list_images(folder)
+    assert str(folder) in str(info.value)
+
+
+def test_broken_file_is_skipped_listed_and_exits_non_zero(inputs, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        _runner(inputs, out).run()
+    assert info.value.code == 1
+    rows = _results(out)
+    assert rows["broken.png"]["status"].startswith("failed: LoadImaged:")
+    assert all(rows[name]["status"] == "ok" for name in ("a.png", "rgb.png", "b.nii.gz", "c.dcm"))
+
+
+def test_without_exit_code_the_rows_are_returned(inputs, tmp_path):
+    rows = _runner(inputs, tmp_path / "out", exit_code_on_failure=None).run()
+    assert [r["status"] == "ok" for r in rows] == [True, True, False, True, True]
+
+
+def test_png_mask_has_the_original_size_and_orientation(inputs, tmp_path):
+    out = tmp_path / "out"
+    _runner(inputs, out, exit_code_on_failure=None).run()
+    for name in ("a", "rgb"):
+        _assert_mask(np.asarray(Image.open(out / f"{name}_mask.png")), foreground_value=255)
+
+
+def test_nifti_mask_keeps_shape_and_affine(inputs, tmp_path):
+    out = tmp_path / "out"
+    _runner(inputs, out, exit_code_on_failure=None).run()
+    source, mask = nib.load(inputs / "b.nii.gz"), nib.load(out / "b_mask.nii.gz")
+    assert mask.shape == source.shape
+    np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
+    _assert_mask(np.asarray(mask.dataobj))
+
+
+def test_dicom_mask_keeps_geometry_and_drops_patient_identity(inputs, tmp_path):
+    out = tmp_path / "out"
+    _runner(inputs, out, exit_code_on_failure=None).run()
+    mask = pydicom.dcmread(out / "c_mask.dcm")
+    assert (mask.Rows, mask.Columns) == (ROWS, COLS)
+    assert [float(v) for v in mask.PixelSpacing] == pytest.approx([0.25, 0.25])
+    _assert_mask(mask.pixel_array)
+    assert "Secret" not in str(mask.get("PatientName", "")) and "PID-0001" not in str(mask.get("PatientID", ""))
+    assert not any("Secret" in p.name for p in out.iterdir()) and "Secret" not in (out / "results.csv").read_text()
+
+
+def test_overlay_is_an_rgb_picture_of_the_input(inputs, tmp_path):
+    out = tmp_path / "out"
+    _runner(inputs, out, exit_code_on_failure=None).run()
+    overlay = Image.open(out / "a_overlay.png")
+    assert overlay.mode == "RGB" and overlay.size == (COLS, ROWS)
+    pixels = np.asarray(overlay).astype(int)
+    assert pixels[20, 35, 0] > pixels[20, 35, 2]  # tinted inside the head
+    assert pixels[40, 5, 0] == pixels[40, 5, 2]  # gray outside
+
+
+def test_no_temporary_files_left(inputs, tmp_path):
+    out = tmp_path / "out"
+    _runner(inputs, out, exit_code_on_failure=None).run()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_two_inputs_never_share_an_output(tmp_path):
+    writer = MaskWriter(tmp_path)
+
+    def case(source: str) -> dict:
+        return {"image": MetaTensor(torch.zeros(1, 4, 4), meta={"filename_or_obj": source}), "pred": MetaTensor(torch.zeros(1, 4, 4))}
+
+    writer(case("/x/scan.png"))
+    with pytest.raises(FileExistsError, match="already written for scan.png"):
+        writer(case("/x/scan.jpg"))  # would also be scan_mask.png
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [("/a/b/scan.nii.gz", ("scan", ".nii.gz")), ("scan.PNG", ("scan", ".png")), ("x.y.dcm", ("x.y", ".dcm"))],
+)
+def test_split_suffix(path, expected):
+    assert split_suffix(path) == expected
+
+
+def test_one_line_error_names_the_monai_transform_and_root_cause():
+    try:
+        try:
+            raise OSError("image file is truncated\n(8 bytes not processed)")
+        except OSError as inner:
+            raise RuntimeError("applying transform <monai.transforms.io.dictionary.LoadImaged object at 0x7f>") from inner
+    except RuntimeError as outer:
+        assert one_line_error(outer) == "LoadImaged: OSError: image file is truncated"
