@@ -40,6 +40,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from custom_nets.deploy.onnx_runtime import onnxruntime_forward_for
+
 # MONAI UNet baseline: a standard 2D configuration (5 levels, 4 down-samplings, residual units).
 UNET_CONFIG = {"channels": (32, 64, 128, 256, 512), "strides": (2, 2, 2, 2), "num_res_units": 2}
 
@@ -324,6 +326,15 @@ def benchmark(args: argparse.Namespace) -> dict:
                     if mode == "eager":
                         runners[name], how[name] = model, "eager"
                         continue
+                    if mode == "onnxruntime":
+                        if device != "cpu":
+                            continue  # ONNX Runtime rows: CPU execution provider only
+                        try:
+                            runners[name] = onnxruntime_forward_for(model, x, threads=args.threads)
+                            how[name] = "onnxruntime-cpu"
+                        except Exception as e:  # onnxruntime missing (the ImportError names the extra), export failure
+                            skip(name, e)
+                        continue
                     try:
                         if name not in scripted or scripted[name][1] != "script":
                             scripted[name] = to_torchscript(model, x)  # a trace is redone per size
@@ -515,7 +526,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated, from {', '.join(NETWORKS)} (default: {','.join(DEFAULT_NETWORKS)})")
     parser.add_argument("--sizes", type=_csv(int), default=list(DEFAULT_SIZES),
                         help="comma-separated square input sides, multiples of 32 (default: 256,512,1024)")
-    parser.add_argument("--modes", type=_csv(str), default=["eager", "torchscript"],
+    parser.add_argument("--modes", type=_csv(str), default=["eager", "torchscript", "onnxruntime"],
                         help="comma-separated from eager,torchscript (default: both)")
     parser.add_argument("--repeats", type=int, default=10, help="timed forwards per network/size/mode (median)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed forwards first (TorchScript needs >= 2)")
@@ -535,9 +546,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad_sizes = [s for s in args.sizes if s <= 0 or s % 32]
     if bad_sizes:
         parser.error(f"sizes must be positive multiples of 32, got {bad_sizes}")
-    bad_modes = [m for m in args.modes if m not in ("eager", "torchscript")]
+    bad_modes = [m for m in args.modes if m not in ("eager", "torchscript", "onnxruntime")]
     if bad_modes:
-        parser.error(f"unknown mode(s) {bad_modes}; choose from eager, torchscript")
+        parser.error(f"unknown mode(s) {bad_modes}; choose from eager, torchscript, onnxruntime")
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
     return args

@@ -1,0 +1,183 @@
+"""
+Hand-off package of a trained bundle for a site that has MONAI but not ``custom_nets``.
+
+``python -m monai.bundle ckpt_export`` writes ``models/model.ts`` (TorchScript, with ``metadata.json`` and
+the bundle's ``inference.json`` embedded). That research ``inference.json`` imports ``custom_nets``
+(network class, folder runner, head-circumference CSV), so MONAI Label (which reads
+``configs/inference.json`` of a bundle) and MONAI Deploy (which reads ``inference.json`` embedded in
+``model.ts``) cannot use it at a clinical site. Each bundle therefore ships ``configs/inference_ts.json``,
+a small override that takes the network from ``models/model.ts`` and writes masks with MONAI's own
+``SaveImaged``. :func:`export_handoff` merges the two into the hand-off bundle's ``configs/inference.json``,
+checks that nothing in it refers to ``custom_nets``, checks ``model.ts`` against ``metadata.json`` with a
+forward pass, and embeds the merged config in the hand-off copy of ``model.ts``.
+
+Example::
+
+    python -m custom_nets.deploy handoff bundles/fetal_head_us_segmentation dist/fetal_head_us_segmentation
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from monai.bundle import ConfigParser, verify_net_in_out
+
+__all__ = ["HandoffError", "RESEARCH_PACKAGE", "TS_CONFIG", "merged_ts_config", "export_handoff"]
+
+#: The research package that the hand-off configs must not need.
+RESEARCH_PACKAGE = "custom_nets"
+#: The TorchScript-only override that sits next to ``configs/inference.json`` in every bundle.
+TS_CONFIG = "inference_ts.json"
+#: Files copied into the hand-off bundle when present (training configs are left out: they need custom_nets).
+COPIED = ("configs/metadata.json", "configs/logging.conf", "docs", "LICENSE")
+#: The keys of ``network_data_format`` that a TorchScript export fixes.
+SHAPE_KEYS = ("type", "num_channels", "spatial_shape", "dtype")
+
+
+class HandoffError(ValueError):
+    """A bundle that cannot be handed off: the message names the file and what is wrong."""
+
+
+def _research_refs(config: object, prefix: str = "") -> list[str]:
+    """The config ids whose values mention :data:`RESEARCH_PACKAGE` (``imports``, ``a#b#c``)."""
+    if isinstance(config, dict):
+        return [ref for k, v in config.items() for ref in _research_refs(v, f"{prefix}#{k}" if prefix else str(k))]
+    if isinstance(config, list):
+        return [ref for i, v in enumerate(config) for ref in _research_refs(v, f"{prefix}#{i}")]
+    return [prefix] if isinstance(config, str) and RESEARCH_PACKAGE in config else []
+
+
+def merged_ts_config(bundle_dir: str | os.PathLike, extra_configs: tuple[str, ...] = ()) -> dict:
+    """
+    ``configs/inference.json``, then ``extra_configs`` (e.g. a data-layout override the model was trained
+    and exported with, relative to the bundle), then ``configs/inference_ts.json``, merged by MONAI's
+    rules and checked to need no ``custom_nets``.
+
+    Raises:
+        HandoffError: a config file is missing, or the merged config still refers to ``custom_nets``.
+    """
+    configs = Path(bundle_dir) / "configs"
+    files = [configs / "inference.json", *(Path(bundle_dir) / c for c in extra_configs), configs / TS_CONFIG]
+    for f in files:
+        if not f.is_file():
+            raise HandoffError(f"{f}: not found; a hand-off needs the bundle's inference.json and its {TS_CONFIG}")
+    merged = ConfigParser.load_config_files([str(f) for f in files])
+    refs = _research_refs(merged)
+    if refs:
+        raise HandoffError(
+            f"{files[-1]}: the merged inference config still needs {RESEARCH_PACKAGE} at {', '.join(refs)}; "
+            f"override these keys in {TS_CONFIG}"
+        )
+    return merged
+
+
+def _embedded(ts_path: Path, names: tuple[str, ...]) -> dict[str, str]:
+    extra = dict.fromkeys(names, "")
+    torch.jit.load(str(ts_path), map_location="cpu", _extra_files=extra)
+    return extra
+
+
+def _check_exported_with(ts_path: Path, meta_path: Path) -> None:
+    """``model.ts`` was exported with the input/output shapes that ``meta_path`` states now."""
+    metadata = json.loads(meta_path.read_text())
+    embedded_text = _embedded(ts_path, ("metadata.json",))["metadata.json"]
+    if not embedded_text:
+        raise HandoffError(f"{ts_path}: no metadata.json embedded; export it with `python -m monai.bundle ckpt_export`")
+    embedded = json.loads(embedded_text).get("network_data_format", {})
+    for io in ("inputs", "outputs"):
+        for name, spec in metadata.get("network_data_format", {}).get(io, {}).items():
+            for key in SHAPE_KEYS:
+                have, want = embedded.get(io, {}).get(name, {}).get(key), spec.get(key)
+                if have != want:
+                    raise HandoffError(
+                        f"{meta_path}: network_data_format#{io}#{name}#{key} is {want!r} but {ts_path.name} was "
+                        f"exported with {have!r}; re-run ckpt_export or fix metadata.json"
+                    )
+
+
+def _check_forward(ts_path: Path, meta_path: Path, config_path: Path, bundle_root: Path, source: Path) -> None:
+    """A forward of the input that ``meta_path`` describes gives the output channels and dtype it states
+    (errors name ``source``, the bundle's own metadata file, not the staged copy)."""
+    try:
+        verify_net_in_out(
+            net_id="network_def", meta_file=str(meta_path), config_file=str(config_path), device="cpu",
+            bundle_root=str(bundle_root),
+        )  # fmt: skip
+    except Exception as e:  # a shape error from inside the network is a RuntimeError; say which file disagrees
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise HandoffError(f"{source}: the input/output it describes do not fit {ts_path.name}: {first_line}") from e
+
+
+def export_handoff(
+    bundle_dir: str | os.PathLike, output_dir: str | os.PathLike, extra_configs: tuple[str, ...] = ()
+) -> Path:
+    """
+    Write a bundle that runs with MONAI alone: ``models/model.ts``, ``configs/metadata.json``,
+    ``configs/inference.json`` (the merged TorchScript-only config, also embedded in ``model.ts``),
+    ``logging.conf``, ``docs/`` and ``LICENSE``. The folder is built next to ``output_dir`` and moved
+    into place at the end, so a failed hand-off leaves an earlier one untouched.
+
+    Args:
+        bundle_dir: the research bundle, with ``models/model.ts`` from ``ckpt_export``.
+        output_dir: the hand-off bundle folder (replaced when it exists).
+        extra_configs: config overrides (relative to ``bundle_dir``) merged between ``inference.json`` and
+            ``inference_ts.json``: the ones given to ``ckpt_export`` besides ``inference.json``.
+
+    Returns:
+        ``output_dir`` as a ``Path``.
+
+    Raises:
+        HandoffError: ``model.ts`` missing, the configs need ``custom_nets``, or ``metadata.json`` does
+            not describe the exported network.
+    """
+    bundle, out = Path(bundle_dir).resolve(), Path(output_dir).resolve()
+    ts_path = bundle / "models" / "model.ts"
+    if not ts_path.is_file():
+        raise HandoffError(
+            f"{ts_path}: not found; export it first: python -m monai.bundle ckpt_export --net_id network_def "
+            "--filepath models/model.ts --ckpt_file models/model.pt --meta_file configs/metadata.json "
+            "--config_file configs/inference.json"
+        )
+    meta_path = bundle / "configs" / "metadata.json"
+    if not meta_path.is_file():
+        raise HandoffError(f"{meta_path}: not found")
+    merged = merged_ts_config(bundle, tuple(extra_configs))
+    _check_exported_with(ts_path, meta_path)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (staging / "configs").mkdir()
+        (staging / "models").mkdir()
+        for name in COPIED:
+            src = bundle / name
+            if src.is_dir():
+                shutil.copytree(src, staging / name)
+            elif src.is_file():
+                shutil.copy2(src, staging / name)
+        config_text = json.dumps(merged, indent=4)
+        (staging / "configs" / "inference.json").write_text(config_text + "\n")
+        # the hand-off model.ts carries the config that works without custom_nets (MONAI Deploy reads it)
+        model = torch.jit.load(str(ts_path), map_location="cpu")
+        extra = {"metadata.json": meta_path.read_text(), "inference.json": config_text}
+        torch.jit.save(model, str(staging / "models" / "model.ts"), _extra_files=extra)
+        _check_forward(
+            staging / "models" / "model.ts", staging / "configs" / "metadata.json",
+            staging / "configs" / "inference.json", staging, meta_path,
+        )  # fmt: skip
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(staging, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return out
