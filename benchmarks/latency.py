@@ -527,7 +527,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=_csv(int), default=list(DEFAULT_SIZES),
                         help="comma-separated square input sides, multiples of 32 (default: 256,512,1024)")
     parser.add_argument("--modes", type=_csv(str), default=["eager", "torchscript", "onnxruntime"],
-                        help="comma-separated from eager,torchscript (default: both)")
+                        help="comma-separated from eager,torchscript,onnxruntime (default: all three; onnxruntime needs the onnx extra)")
     parser.add_argument("--repeats", type=int, default=10, help="timed forwards per network/size/mode (median)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed forwards first (TorchScript needs >= 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
