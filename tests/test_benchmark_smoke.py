@@ -38,7 +38,7 @@ def test_benchmark_writes_timings_params_and_flops(smoke_run):
     out, _ = smoke_run
     report = json.loads((out / "latency.json").read_text())
     rows = {(r["network"], r["mode"]): r for r in report["results"]}
-    assert set(rows) == {(n, m) for n in NETWORKS for m in ("eager", "torchscript")}
+    assert set(rows) == {(n, m) for n in NETWORKS for m in ("eager", "torchscript", "onnxruntime")}
     for row in rows.values():
         assert row["size"] == 64 and row["device"] == "cpu"
         for key in ("median_ms", "params_m", "gflops", "achieved_gflop_s"):
