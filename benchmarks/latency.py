@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from custom_nets.deploy.onnx_runtime import onnxruntime_forward_for
+from process_memory import proc_status_mb, reset_peak_rss  # benchmarks/ is on sys.path when run as a script
 
 # MONAI UNet baseline: a standard 2D configuration (5 levels, 4 down-samplings, residual units).
 UNET_CONFIG = {"channels": (32, 64, 128, 256, 512), "strides": (2, 2, 2, 2), "num_res_units": 2}
@@ -101,28 +102,6 @@ def to_torchscript(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, 
                 return torch.jit.trace(model, example), f"trace (script failed: {reason})"
 
 
-def _proc_status_mb(field: str) -> float | None:
-    """``VmRSS`` / ``VmHWM`` of this process from ``/proc/self/status`` (Linux), in MB."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 2**10  # kB
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's RSS high-water mark (``VmHWM``; Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _ru_maxrss_mb() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
@@ -140,11 +119,11 @@ def probe_rss(name: str, size: int, in_channels: int, out_channels: int, threads
     model = build_network(name, in_channels, out_channels)
     x = torch.randn(1, in_channels, size, size)
     gc.collect()
-    before, setup_peak = _proc_status_mb("VmRSS"), _proc_status_mb("VmHWM")
-    if before is not None and setup_peak is not None and _reset_peak_rss():
+    before, setup_peak = proc_status_mb("VmRSS"), proc_status_mb("VmHWM")
+    if before is not None and setup_peak is not None and reset_peak_rss():
         with torch.no_grad():
             model(x)
-        forward_peak = _proc_status_mb("VmHWM") or 0.0
+        forward_peak = proc_status_mb("VmHWM") or 0.0
         process_peak, method = max(setup_peak, forward_peak), "VmHWM reset before the forward"
     else:  # elsewhere: the high-water mark since start (an upper bound for the forward's increase)
         before = _ru_maxrss_mb()

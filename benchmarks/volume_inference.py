@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from process_memory import proc_status_mb, reset_peak_rss  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = {"mri": REPO / "bundles" / "brain_tumor_mri_segmentation", "ct": REPO / "bundles" / "lung_nodule_ct_segmentation"}
@@ -82,24 +83,6 @@ def write_ct_case(folder: Path, shape: tuple[int, int, int], spacing=(0.7, 0.7, 
     return folder
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter of this process (Linux ``clear_refs`` 5); False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 class _Timed:
     """Wraps a callable; adds its run time to ``totals[name + '_s']`` and its peak RSS to ``totals[name + '_peak_mb']``."""
 
@@ -107,14 +90,14 @@ class _Timed:
         self.fn, self.totals, self.name = fn, totals, name
 
     def __call__(self, *args, **kwargs):
-        per_phase_peak = _reset_peak_rss()
+        per_phase_peak = reset_peak_rss()
         start = time.perf_counter()
         try:
             return self.fn(*args, **kwargs)
         finally:
             self.totals[f"{self.name}_s"] = self.totals.get(f"{self.name}_s", 0.0) + time.perf_counter() - start
             if per_phase_peak:
-                peak = max(self.totals.get(f"{self.name}_peak_mb", 0.0), _peak_rss_mb())
+                peak = max(self.totals.get(f"{self.name}_peak_mb", 0.0), (proc_status_mb("VmHWM") or float("nan")))
                 self.totals[f"{self.name}_peak_mb"] = peak
 
 
