@@ -1,13 +1,18 @@
-"""Checks and weight loading shared by the networks of ``custom_nets``."""
+"""Checks and weight loading shared by the networks of ``custom_nets``, and the project's one checkpoint reader."""
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["check_input", "load_pretrained_encoder"]
+from custom_nets.errors import InputError
+
+__all__ = ["CheckpointNotFoundError", "check_input", "load_checkpoint", "load_pretrained_encoder"]
 
 
 def check_input(x: torch.Tensor, in_channels: int, spatial_dims: int, divisor: int = 32) -> None:
@@ -40,20 +45,95 @@ def check_input(x: torch.Tensor, in_channels: int, spatial_dims: int, divisor: i
             )
 
 
-def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+class CheckpointNotFoundError(InputError, FileNotFoundError):
+    """A checkpoint path that does not exist: an :class:`InputError` that ``except FileNotFoundError`` also catches."""
+
+
+# "Unsupported global: GLOBAL numpy._core...." / "unsupported GLOBAL posix.system whose module ..." in torch's refusal
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error:\s*(.+)")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0].split(". ")[0] if lines else ""  # torch's first sentence says what; the rest is advice
+    text = text if len(text) <= 160 else text[:157] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    map_location: str | torch.device | None = "cpu",
+    mmap: bool = False,
+    description: str = "checkpoint",
+) -> dict[str, Any]:
+    """
+    Read a file written by ``torch.save`` with ``weights_only=True``, so that a checkpoint from elsewhere
+    cannot run code when it is loaded, and turn every failure into one line that names the file.
+
+    This is the project's one place that reads checkpoints: bundle configs (``inference.json``,
+    ``evaluate.json``), the resumable training checkpoint, pretrained encoder weights and the ONNX
+    parity check all go through it.
+
+    Args:
+        path: the ``.pt``/``.pth`` file.
+        map_location: where tensors are put (as ``torch.load``'s ``map_location``).
+        mmap: memory-map the file instead of reading it all (zip-format checkpoints only).
+        description: what the file is, for messages (``"checkpoint"``, ``"pretrained weights"``).
+
+    Returns:
+        the saved dictionary (a state dict, or a dict of state dicts).
+
+    Raises:
+        CheckpointNotFoundError: no such file.
+        InputError: ``"cannot read <description> <path>: <problem>"`` for a file holding Python objects
+            that weights-only loading refuses (e.g. ``os.system`` in a crafted pickle: nothing is run),
+            an empty, truncated or corrupt file, a file that is not a PyTorch checkpoint, or one that
+            holds something else than a dictionary.
+
+    Example::
+
+        network.load_state_dict(load_checkpoint("models/model.pt", map_location=device))
+    """
     path = os.fspath(path)
+    prefix = f"cannot read {description} {path}"
+    if not os.path.exists(path):
+        raise CheckpointNotFoundError(f"{prefix}: file not found")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained weights file not found: {path}")
+        raise InputError(f"{prefix}: not a file")
+    with open(path, "rb") as f:
+        head = f.read(len(_ZIP_MAGIC))
+    if not head:
+        raise InputError(f"{prefix}: the file is empty")
     try:
-        # weights_only: a checkpoint from elsewhere must not be able to run code when loaded.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated / non-torch / unsafe files
-        raise ValueError(f"cannot read pretrained weights {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        content = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        refused = _REFUSED_GLOBAL.search(str(e))
+        if refused:
+            raise InputError(
+                f"{prefix}: refused, it holds Python objects (e.g. {refused.group(1)}) that weights_only loading does "
+                "not run; if you trust its source, allow them with torch.serialization.add_safe_globals "
+                "or re-save it as a dict of tensors"
+            ) from e
+        detail = _UNPICKLER_DETAIL.search(str(e))
+        reason = f"the weights-only unpickler stopped at: {detail.group(1).strip()}" if detail else _first_line(e)
+        raise InputError(f"{prefix}: not a PyTorch checkpoint ({reason})") from e
+    except Exception as e:  # torch raises RuntimeError, OSError, EOFError, KeyError... for damaged files
+        problem = "truncated or corrupt" if head == _ZIP_MAGIC else "not a PyTorch checkpoint"
+        raise InputError(f"{prefix}: {problem} ({_first_line(e)})") from e
+    if not isinstance(content, dict):
+        raise InputError(f"{prefix}: holds a {type(content).__name__}, not a dict (a state dict or a checkpoint)")
+    return content
+
+
+def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    obj: Any = load_checkpoint(path, description="pretrained weights")
     for key in ("state_dict", "model", "network"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"pretrained weights {path} do not hold a state dict of tensors")
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InputError(f"pretrained weights {os.fspath(path)} do not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 

@@ -1,0 +1,270 @@
+"""Resumable training: one checkpoint file with everything a preempted or crashed run needs to continue."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from monai.utils import IgniteInfo, min_version, optional_import
+
+from custom_nets.data.atomic_write import atomic_path
+from custom_nets.errors import InputError
+from custom_nets.networks.utils import load_checkpoint
+from custom_nets.tracking.params import find_attached
+
+Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import(
+        "ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine", as_type="decorator"
+    )
+
+__all__ = ["TrainingCheckpoint", "saved_run_name"]
+
+# keys of the checkpoint besides the objects of ``save_dict`` and "trainer"
+_BEST = "best_model_tracking"
+_RUN_NAME = "run_name"
+
+
+def _unwrap(obj: Any) -> Any:
+    """The network inside DistributedDataParallel / DataParallel, so checkpoints load either way."""
+    return obj.module if isinstance(obj, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)) else obj
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
+def saved_run_name(checkpoint_file: str | os.PathLike) -> str | None:
+    """
+    The MLflow run name stored in a :class:`TrainingCheckpoint` file, or ``None`` when the file does not
+    exist or holds no name. A resumed bundle run passes it to MONAI's ``MLFlowHandler``, which then
+    continues that (unfinished) run instead of starting a new one.
+    """
+    if not Path(checkpoint_file).is_file():
+        return None
+    name = load_checkpoint(checkpoint_file, mmap=True, description="training checkpoint").get(_RUN_NAME)
+    return str(name) if name else None
+
+
+class TrainingCheckpoint:
+    """
+    Ignite handler that makes a training run resumable, like nnU-Net's ``--c`` or a Model Zoo bundle
+    restarted with a ``CheckpointLoader`` on the trainer, in one file:
+
+    - after every epoch (``EPOCH_COMPLETED``, once validation and the learning-rate step are done) it writes
+      ``checkpoint_file`` with the ``save_dict`` objects (model, optimizer, lr scheduler, ...), the trainer's
+      state (epoch, iteration), the validator's best-metric tracking (so that a resumed run does not
+      overwrite a better ``model.pt``) and the MLflow ``run_name``. The file is replaced atomically:
+      a kill during the write leaves the previous epoch's file whole.
+    - when training stops on an exception mid-epoch (``EXCEPTION_RAISED``; Ctrl-C, and SIGTERM, the
+      preemption signal of Slurm and Kubernetes, which it turns into an exception while training runs) it
+      writes the state reached, then re-raises. An exception between epochs (in validation, say) keeps the
+      last complete epoch's file instead, so that no epoch-end step is skipped on resume.
+    - with ``resume=True`` it restores that file at ``STARTED``, and the run goes on from the saved
+      iteration to the configured ``max_epochs`` with the same learning-rate schedule. A missing file
+      starts from scratch (logged), so a job script can always pass ``--resume true``. A file from another
+      schedule (``max_epochs``, iterations per epoch) or network is refused with one line naming it.
+
+    After a resume, the random augmentations and the shuffling follow a new stream: a resumed run is not
+    bit-identical to an uninterrupted one. With ``DistributedDataParallel`` only rank 0 writes; every rank
+    resumes from the same file.
+
+    Attach it after ``ValidationHandler`` and ``LrScheduleHandler`` (so the epoch's file includes their
+    work) and before ``StatsHandler`` (whose exception handler re-raises before later handlers run).
+
+    Args:
+        checkpoint_file: the file, e.g. ``<bundle>/models/last_checkpoint.pt``.
+        save_dict: the objects to save and restore, each with ``state_dict``/``load_state_dict``
+            (``{"model": net, "optimizer": opt, "lr_scheduler": sched}``); the trainer is added as ``"trainer"``.
+        resume: restore ``checkpoint_file`` when training starts.
+        run_name: MLflow run name to store (see :func:`saved_run_name`).
+        validator: the evaluator whose best metric and best-model ``CheckpointSaver`` are tracked; found
+            through the trainer's ``ValidationHandler`` when ``None``.
+        stop_on_sigterm: turn SIGTERM into an exception while training runs (main thread only), so the
+            state is saved before the process ends.
+        name: logger name; ``None`` uses ``engine.logger``.
+
+    Example, in a bundle's ``train#handlers`` (after the validation and lr handlers)::
+
+        {"_target_": "custom_nets.handlers.training_checkpoint.TrainingCheckpoint",
+         "checkpoint_file": "$@ckpt_dir + '/last_checkpoint.pt'", "resume": "@resume",
+         "save_dict": {"model": "@network", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler"},
+         "run_name": "@run_name"}
+
+    Then ``python -m monai.bundle run --config_file configs/train.json --resume true`` continues a run.
+    """
+
+    def __init__(
+        self,
+        checkpoint_file: str | os.PathLike,
+        save_dict: Mapping[str, Any],
+        resume: bool = False,
+        run_name: str | None = None,
+        validator: Engine | None = None,
+        stop_on_sigterm: bool = True,
+        name: str | None = None,
+    ) -> None:
+        if "trainer" in save_dict:
+            raise ValueError("save_dict must not hold 'trainer': the engine this handler is attached to is saved as 'trainer'")
+        self.checkpoint_file = Path(checkpoint_file)
+        self.save_dict = dict(save_dict)
+        self.resume = bool(resume)
+        self.run_name = run_name
+        self.validator = validator
+        self.stop_on_sigterm = stop_on_sigterm
+        self._name = name
+        self.logger = logging.getLogger(name)
+        self._previous_sigterm: Any = None
+        self._handled_error: BaseException | None = None
+
+    def attach(self, engine: Engine) -> None:
+        """
+        Args:
+            engine: the Ignite trainer.
+        """
+        if self._name is None:
+            self.logger = engine.logger
+        if not engine.has_event_handler(self.started, Events.STARTED):
+            engine.add_event_handler(Events.STARTED, self.started)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+            engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
+            engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    # --- event handlers -------------------------------------------------------------------------
+
+    def started(self, engine: Engine) -> None:
+        """Find the validator, restore the checkpoint when resuming, and catch SIGTERM."""
+        if self.validator is None:
+            validation = find_attached(engine, "ValidationHandler")
+            self.validator = getattr(validation[0], "validator", None) if validation else None
+        if self.resume:
+            self.restore(engine)
+        self._catch_sigterm()
+
+    def epoch_completed(self, engine: Engine) -> None:
+        self.save(engine)
+
+    def exception_raised(self, engine: Engine, error: BaseException) -> None:
+        """Save the state reached mid-epoch, then re-raise ``error`` (Ignite would swallow it otherwise)."""
+        self._release_sigterm()
+        if error is self._handled_error:  # Ignite fires the event again while the error climbs out of the epoch
+            raise error
+        self._handled_error = error
+        epoch_length = engine.state.epoch_length
+        if epoch_length and engine.state.iteration % epoch_length != 0:
+            self.save(engine)
+            self.logger.warning(
+                f"training stopped in epoch {engine.state.epoch} ({type(error).__name__}); state saved to "
+                f"{self.checkpoint_file}: rerun with --resume true to continue"
+            )
+        raise error
+
+    def completed(self, engine: Engine) -> None:
+        self._release_sigterm()
+
+    # --- saving and restoring -------------------------------------------------------------------
+
+    def checkpoint(self, engine: Engine) -> dict[str, Any]:
+        """What :meth:`save` writes: plain tensors, numbers and strings only, so ``weights_only`` loads it."""
+        content: dict[str, Any] = {key: _unwrap(obj).state_dict() for key, obj in self.save_dict.items()}
+        content["trainer"] = engine.state_dict()
+        best = self._best_model_saver()
+        state = getattr(self.validator, "state", None)
+        if state is not None:
+            content[_BEST] = {
+                "best_metric": float(state.best_metric),
+                "best_metric_epoch": int(state.best_metric_epoch),
+                "saver": best._key_metric_checkpoint.state_dict() if best is not None else None,
+            }
+        if self.run_name:
+            content[_RUN_NAME] = str(self.run_name)
+        return content
+
+    def save(self, engine: Engine) -> None:
+        """Write the checkpoint atomically (rank 0 only)."""
+        if not _is_main_process():
+            return
+        content = self.checkpoint(engine)
+        with atomic_path(self.checkpoint_file) as tmp:
+            torch.save(content, tmp)
+        self.logger.debug(f"epoch {engine.state.epoch}: training state saved to {self.checkpoint_file}")
+
+    def restore(self, engine: Engine) -> None:
+        """Load the checkpoint into the ``save_dict`` objects, the trainer and the best-model tracking."""
+        path = self.checkpoint_file
+        self._remove_partial_writes()
+        if not path.is_file():
+            self.logger.info(f"resume: no checkpoint at {path}, training from the start")
+            return
+        content = load_checkpoint(path, description="training checkpoint")
+        missing = [key for key in (*self.save_dict, "trainer") if key not in content]
+        if missing:
+            raise InputError(f"{path}: not a training checkpoint of this run (no {', '.join(missing)})")
+        saved = content["trainer"]
+        for key in ("max_epochs", "epoch_length"):
+            planned = getattr(engine.state, key)
+            if saved.get(key) != planned:
+                raise InputError(
+                    f"{path}: written by a run with {key}={saved.get(key)}, this run has {key}={planned}; "
+                    f"resume with the same settings, or move the file away to start a new run"
+                )
+        try:
+            for key, obj in self.save_dict.items():
+                _unwrap(obj).load_state_dict(content[key])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"{path}: does not fit this run's {key} ({first_line})") from None
+        engine.load_state_dict(saved)
+        self._restore_best(content.get(_BEST))
+        self.logger.info(
+            f"resume: continuing from epoch {engine.state.epoch} (iteration {engine.state.iteration}) of "
+            f"{engine.state.max_epochs}, from {path}"
+        )
+
+    def _restore_best(self, best: Mapping[str, Any] | None) -> None:
+        state = getattr(self.validator, "state", None)
+        if not best or state is None:
+            return
+        state.best_metric = best["best_metric"]
+        state.best_metric_epoch = best["best_metric_epoch"]
+        saver = self._best_model_saver()
+        if saver is not None and best.get("saver") is not None:
+            saver.load_state_dict(best["saver"])
+
+    def _best_model_saver(self) -> Any:
+        """The validator's ``CheckpointSaver`` that keeps the best model by key metric, if any."""
+        if self.validator is None:
+            return None
+        # MONAI's CheckpointSaver can load its key-metric list (load_state_dict) but offers no getter for it
+        savers = [s for s in find_attached(self.validator, "CheckpointSaver") if s._key_metric_checkpoint is not None]
+        return savers[0] if savers else None
+
+    def _remove_partial_writes(self) -> None:
+        """Delete temporary files a kill during :meth:`save` left beside the checkpoint."""
+        if _is_main_process() and self.checkpoint_file.parent.is_dir():
+            for leftover in self.checkpoint_file.parent.glob(f".{self.checkpoint_file.name}.*.tmp*"):
+                leftover.unlink(missing_ok=True)
+
+    # --- SIGTERM --------------------------------------------------------------------------------
+
+    def _catch_sigterm(self) -> None:
+        if not self.stop_on_sigterm or threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            raise SystemExit(f"training stopped by SIGTERM; rerun with --resume true to continue from {self.checkpoint_file}")
+
+        self._previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _release_sigterm(self) -> None:
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None

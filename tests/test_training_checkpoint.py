@@ -1,0 +1,187 @@
+"""
+TrainingCheckpoint on real MONAI/Ignite engines, in process: a run stopped by an exception (between
+epochs, mid-epoch, SIGTERM) and resumed ends where an uninterrupted run ends; wrong files are refused.
+The bundle CLI with a real SIGKILL is in test_resume_cli.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import CheckpointSaver, LrScheduleHandler, MeanDice, StatsHandler, ValidationHandler, from_engine
+from monai.losses import DiceCELoss
+from monai.transforms import Activationsd, AsDiscreted, Compose
+from monai.utils import set_determinism
+
+from custom_nets.errors import InputError
+from custom_nets.handlers.training_checkpoint import TrainingCheckpoint, saved_run_name
+
+MAX_EPOCHS = 4
+BATCHES = 3  # iterations per epoch
+
+
+class Stop(RuntimeError):
+    pass
+
+
+def _data(seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(BATCHES * 2, 1, 16, 16, generator=generator)
+    return [{"image": image, "label": (image > 0.5).float()} for image in images]
+
+
+def _run(tmp_path, resume=False, stop=None, max_epochs=MAX_EPOCHS, out_channels=2, run_name="net-loss-lr0.1-x"):
+    """Build fresh objects (as a restarted process would) and train; ``stop=(event, when)`` raises there."""
+    set_determinism(seed=0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, out_channels, 1))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    loader = torch.utils.data.DataLoader(_data(), batch_size=2, shuffle=False)
+    post = Compose([Activationsd("pred", softmax=True), AsDiscreted(["pred", "label"], argmax=[True, False], to_onehot=2)])
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"), val_data_loader=torch.utils.data.DataLoader(_data(2), batch_size=2), network=net,
+        postprocessing=post, key_val_metric={"val_mean_dice": MeanDice(output_transform=from_engine(["pred", "label"]))},
+        val_handlers=[CheckpointSaver(str(tmp_path / "models"), {"model": net}, save_key_metric=True, key_metric_filename="model.pt")],
+    )  # fmt: skip
+    checkpoint = TrainingCheckpoint(
+        tmp_path / "models" / "last_checkpoint.pt", {"model": net, "optimizer": optimizer, "lr_scheduler": scheduler},
+        resume=resume, run_name=run_name,
+    )  # fmt: skip
+    handlers = [ValidationHandler(1, evaluator), LrScheduleHandler(scheduler), checkpoint, StatsHandler(iteration_log=False)]
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=max_epochs, train_data_loader=loader, network=net, optimizer=optimizer,
+        loss_function=DiceCELoss(to_onehot_y=True, softmax=True), train_handlers=handlers,
+    )  # fmt: skip
+    trainer.state.iterations_run = 0  # iterations this process ran (the engine's own count is restored)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: setattr(e.state, "iterations_run", e.state.iterations_run + 1))
+    if stop is not None:
+        event, action = stop
+        trainer.add_event_handler(event, action)
+    trainer.run()
+    return trainer, net, scheduler, evaluator
+
+
+def _raise(engine):
+    raise Stop("simulated crash")
+
+
+def _weights(net) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    trainer, net, scheduler, evaluator = _run(tmp_path_factory.mktemp("full"))
+    return _weights(net), scheduler.get_last_lr(), evaluator.state.best_metric
+
+
+def test_resume_after_a_crash_between_epochs_ends_like_an_uninterrupted_run(tmp_path, uninterrupted):
+    with pytest.raises(Stop):
+        _run(tmp_path, stop=(Events.EPOCH_STARTED(once=3), _raise))
+    saved = torch.load(tmp_path / "models" / "last_checkpoint.pt", weights_only=True)
+    assert saved["trainer"]["iteration"] == 2 * BATCHES  # epoch 2 complete, the crash lost nothing
+
+    trainer, net, scheduler, evaluator = _run(tmp_path, resume=True)
+    weights, lr, best = uninterrupted
+    assert trainer.state.iterations_run == 2 * BATCHES  # only epochs 3 and 4 ran again
+    assert trainer.state.epoch == MAX_EPOCHS
+    assert all(torch.equal(weights[k], v) for k, v in net.state_dict().items())
+    assert scheduler.get_last_lr() == lr and evaluator.state.best_metric == best
+
+
+def test_resume_after_a_crash_mid_epoch_loses_nothing_already_trained(tmp_path):
+    crash_at = 2 * BATCHES + 1
+    with pytest.raises(Stop):
+        _run(tmp_path, stop=(Events.ITERATION_COMPLETED(once=crash_at), _raise))
+    saved = torch.load(tmp_path / "models" / "last_checkpoint.pt", weights_only=True)
+    assert saved["trainer"]["iteration"] == crash_at  # saved on the exception
+
+    trainer, *_ = _run(tmp_path, resume=True)
+    assert trainer.state.iteration == MAX_EPOCHS * BATCHES
+    assert trainer.state.iterations_run == MAX_EPOCHS * BATCHES - crash_at
+
+
+def test_sigterm_saves_the_state_and_stops(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit, match="SIGTERM"):
+        _run(tmp_path, stop=(Events.ITERATION_COMPLETED(once=BATCHES + 2), lambda e: os.kill(os.getpid(), signal.SIGTERM)))
+    assert signal.getsignal(signal.SIGTERM) is before
+    saved = torch.load(tmp_path / "models" / "last_checkpoint.pt", weights_only=True)
+    assert saved["trainer"]["iteration"] == BATCHES + 2
+    trainer, *_ = _run(tmp_path, resume=True)
+    assert trainer.state.iteration == MAX_EPOCHS * BATCHES
+
+
+def test_the_best_model_tracking_is_restored(tmp_path, uninterrupted):
+    with pytest.raises(Stop):
+        _run(tmp_path, stop=(Events.EPOCH_STARTED(once=3), _raise))
+    saved = torch.load(tmp_path / "models" / "last_checkpoint.pt", weights_only=True)["best_model_tracking"]
+    assert saved["saver"]["_saved"] and saved["best_metric_epoch"] in (1, 2)
+    trainer, net, scheduler, evaluator = _run(tmp_path, resume=True)
+    # the same best epoch as without the crash: a resumed run does not restart the comparison from scratch
+    _, _, best = uninterrupted
+    assert evaluator.state.best_metric == best
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path, caplog):
+    trainer, *_ = _run(tmp_path, resume=True)
+    assert trainer.state.iterations_run == MAX_EPOCHS * BATCHES
+    assert (tmp_path / "models" / "last_checkpoint.pt").is_file()
+
+
+def test_the_run_name_is_kept_for_mlflow(tmp_path):
+    assert saved_run_name(tmp_path / "models" / "last_checkpoint.pt") is None
+    _run(tmp_path, max_epochs=1, run_name="AdaptiveCENet-HybridDiceBoundaryLoss-lr0.001-20261121-101010")
+    assert saved_run_name(tmp_path / "models" / "last_checkpoint.pt") == "AdaptiveCENet-HybridDiceBoundaryLoss-lr0.001-20261121-101010"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"max_epochs": MAX_EPOCHS + 2}, "written by a run with max_epochs=4, this run has max_epochs=6"),
+        ({"out_channels": 3}, "does not fit this run's model"),
+    ],
+)
+def test_a_checkpoint_of_another_run_is_refused_naming_the_file(tmp_path, change, message):
+    _run(tmp_path, max_epochs=MAX_EPOCHS)
+    with pytest.raises(InputError, match=message) as error:
+        _run(tmp_path, resume=True, **change)
+    assert str(tmp_path / "models" / "last_checkpoint.pt") in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_model_file_is_not_a_training_checkpoint(tmp_path):
+    _run(tmp_path, max_epochs=1)
+    checkpoint = tmp_path / "models" / "last_checkpoint.pt"
+    os.replace(tmp_path / "models" / "model.pt", checkpoint)  # a best-model file holds the weights only
+    with pytest.raises(InputError, match="last_checkpoint.pt: not a training checkpoint of this run .no model, optimizer, lr_scheduler, trainer"):
+        _run(tmp_path, resume=True, max_epochs=1)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    (tmp_path / "models").mkdir()
+    with open(tmp_path / "models" / "last_checkpoint.pt", "wb") as f:
+        pickle.dump({"trainer": Payload()}, f)
+    with pytest.raises(InputError, match="last_checkpoint.pt"):
+        _run(tmp_path, resume=True)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_leftovers_of_a_killed_write_are_removed_on_resume(tmp_path):
+    _run(tmp_path, max_epochs=1)
+    leftover = tmp_path / "models" / ".last_checkpoint.pt.abc123.tmp.pt"
+    leftover.write_bytes(b"half a checkpoint")
+    _run(tmp_path, resume=True, max_epochs=1)
+    assert not leftover.exists()
