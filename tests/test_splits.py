@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from custom_nets.data.splits import load_or_create_datalist, split_subjects
+from custom_nets.errors import InputError
 
 
 def _items(n_subjects: int, per_subject: int = 1):
@@ -102,3 +103,15 @@ def test_datalist_of_other_entry_settings_is_refused(tmp_path):
     load_or_create_datalist(tmp_path / "datalist.json", tmp_path / "data", lambda: items, lambda d: d["case"], settings={"sequences": ["t1"]})
     with pytest.raises(ValueError, match=r"written for sequences=\['t1'\]"):
         load_or_create_datalist(tmp_path / "datalist.json", tmp_path / "data", list, lambda d: d["case"], settings={"sequences": ["t1", "t2"]})
+
+
+def test_datalist_of_an_older_format_is_refused_naming_the_file(tmp_path):
+    """A datalist from an earlier version (no ``format``; e.g. HC18's ``hc_mm`` before it became ``hc_ref_mm``)."""
+    items = _dataset(tmp_path / "data")
+    datalist = tmp_path / "datalist.json"
+    load_or_create_datalist(datalist, tmp_path / "data", lambda: items, lambda d: d["case"])
+    content = json.loads(datalist.read_text())
+    del content["format"]
+    datalist.write_text(json.dumps(content))
+    with pytest.raises(InputError, match=rf"{datalist}: written by another version of custom_nets \(datalist format None, this one reads 2\); delete it"):
+        load_or_create_datalist(datalist, tmp_path / "data", list, lambda d: d["case"])

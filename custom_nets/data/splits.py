@@ -18,12 +18,15 @@ from typing import Any
 from custom_nets.data.atomic_write import write_json_atomic
 from custom_nets.errors import InputError
 
-__all__ = ["SPLIT_KEYS", "split_subjects", "load_or_create_datalist"]
+__all__ = ["DATALIST_FORMAT", "SPLIT_KEYS", "split_subjects", "load_or_create_datalist"]
 
 logger = logging.getLogger(__name__)
 
 #: Datalist keys of the three splits, in the order of ``fractions``.
 SPLIT_KEYS = ("training", "validation", "test")
+# Version of the entries' keys (e.g. HC18's reference circumference moved from ``hc_mm`` to ``hc_ref_mm``
+# in format 2): a datalist of another format is refused instead of failing later, in evaluation.
+DATALIST_FORMAT = 2
 
 
 def split_subjects(
@@ -128,6 +131,7 @@ def load_or_create_datalist(
     datalist_file, dataset_dir = Path(datalist_file), Path(dataset_dir).resolve()
     # the settings the entries depend on, as JSON gives them back (tuples -> lists), to compare on reuse
     settings = json.loads(json.dumps({"seed": int(seed), "fractions": [float(f) for f in fractions], **dict(settings or {})}))
+    settings = {"format": DATALIST_FORMAT, **settings}
     if not datalist_file.is_file():
         splits = split_subjects(make_items(), subject_of, fractions, seed)
         content = {
@@ -143,6 +147,9 @@ def load_or_create_datalist(
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         problem = f"not a datalist with keys {list(SPLIT_KEYS)} ({type(e).__name__}: {e})"
         raise InputError(f"{datalist_file}: {problem}; delete it to rebuild") from None
+    if content.get("format") != DATALIST_FORMAT:
+        problem = f"written by another version of custom_nets (datalist format {content.get('format')}, this one reads {DATALIST_FORMAT})"
+        raise InputError(f"{datalist_file}: {problem}; delete it to rebuild (the same seed gives the same split)")
     for key, value in settings.items():
         if content.get(key) != value:
             problem = f"written for {key}={content.get(key)!r}, not {value!r}"
