@@ -22,6 +22,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from custom_nets.data import synthetic
 from custom_nets.data.atomic_write import atomic_path, write_text_atomic
 
 __all__ = ["TISSUE_CONTRAST", "MARKER_FILE", "make_synthetic_brats", "generate_once"]
@@ -112,10 +113,7 @@ def generate_once(output_dir: str, **kwargs) -> str:
     :data:`MARKER_FILE`, written last, is there); returns ``output_dir``. The brain MRI bundle calls this
     for its default dataset, so its commands run on a fresh machine without a download.
     """
-    if (Path(output_dir) / MARKER_FILE).is_file():
-        return os.fspath(output_dir)
-    logger.info(f"no dataset at {output_dir}: writing a synthetic BraTS-layout dataset there (pass --dataset_dir for real data)")
-    return make_synthetic_brats(output_dir, **kwargs)
+    return synthetic.generate_once(output_dir, MARKER_FILE, make_synthetic_brats, "BraTS", **kwargs)
 
 
 if __name__ == "__main__":

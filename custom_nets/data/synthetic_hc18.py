@@ -9,7 +9,6 @@ Command line::
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from pathlib import Path
@@ -18,13 +17,12 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from custom_nets.data import synthetic
 from custom_nets.data.atomic_write import atomic_path, write_csv_atomic
 from custom_nets.data.hc18 import ANNOTATION_SUFFIX, IMAGE_FOLDER, PIXEL_SIZE_CSV
 from custom_nets.metrics.head_circumference import Ellipse, ellipse_perimeter
 
 __all__ = ["synthetic_case", "generate", "generate_once"]
-
-logger = logging.getLogger(__name__)
 
 
 def synthetic_case(
@@ -149,10 +147,7 @@ def generate_once(output_dir: str, **kwargs) -> str:
         output_dir: dataset folder.
         kwargs: passed to :func:`generate`.
     """
-    if (Path(output_dir) / PIXEL_SIZE_CSV).is_file():
-        return os.fspath(output_dir)
-    logger.info(f"no dataset at {output_dir}: writing a synthetic HC18-layout dataset there (pass --dataset_dir for real data)")
-    return generate(output_dir, **kwargs)
+    return synthetic.generate_once(output_dir, PIXEL_SIZE_CSV, generate, "HC18", **kwargs)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from custom_nets.data import synthetic
 from custom_nets.data.atomic_write import atomic_path
 
 __all__ = ["GEOMETRIES", "make_synthetic_luna16", "generate_once"]
@@ -136,10 +137,7 @@ def generate_once(output_dir: str, **kwargs) -> str:
     (``annotations.csv``, written last, is there); returns ``output_dir``. The lung CT bundle calls this
     for its default dataset, so its commands run on a fresh machine without a download.
     """
-    if (Path(output_dir) / "annotations.csv").is_file():
-        return os.fspath(output_dir)
-    logger.info(f"no dataset at {output_dir}: writing a synthetic LUNA16-layout dataset there (pass --dataset_dir for real data)")
-    return make_synthetic_luna16(output_dir, **kwargs)
+    return synthetic.generate_once(output_dir, "annotations.csv", make_synthetic_luna16, "LUNA16", **kwargs)
 
 
 if __name__ == "__main__":
