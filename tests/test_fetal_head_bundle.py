@@ -184,13 +184,18 @@ def test_verify_net_in_out():
 def test_multi_gpu_config_with_two_gloo_processes(tmp_path):
     dataset = generate(str(tmp_path / "synthetic"), num_images=8, height=96, width=128, seed=2)
     configs = f"['{BUNDLE / 'configs' / 'train.json'}','{BUNDLE / 'configs' / 'multi_gpu_train.json'}']"
-    bundle_cli(
+    train = (
         "--nproc_per_node=2", "-m", "monai.bundle", "run", "training", "--config_file", configs,
         "--bundle_root", str(tmp_path / "bundle"), "--dataset_dir", dataset, *TINY,
-        cwd=tmp_path, command=("-m", "torch.distributed.run"),
     )  # fmt: skip
+    bundle_cli(*train, cwd=tmp_path, command=("-m", "torch.distributed.run"))
     state = torch.load(tmp_path / "bundle" / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert not any(key.startswith("module.") for key in state)  # saved unwrapped from DistributedDataParallel
+    last = torch.load(tmp_path / "bundle" / "models" / "last_checkpoint.pt", map_location="cpu", weights_only=True)
+    assert last["model"].keys() == state.keys() and last["trainer"]["iteration"] == last["trainer"]["epoch_length"]
+    # every rank restores the same file (here the run is complete already, so nothing is trained)
+    resumed = bundle_cli(*train, "--resume", "true", cwd=tmp_path, command=("-m", "torch.distributed.run"))
+    assert "resume: continuing from epoch 1" in resumed.stdout
 
 
 def test_wrong_dataset_dir_is_a_one_line_error(tmp_path):
