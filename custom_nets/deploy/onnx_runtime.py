@@ -29,6 +29,8 @@ from monai.networks.utils import convert_to_onnx
 from monai.utils import optional_import
 from torch import nn
 
+from custom_nets.networks.utils import load_checkpoint
+
 __all__ = ["ONNX_EXTRA_HINT", "OnnxRuntimeForward", "onnxruntime_forward_for"]
 
 ONNX_EXTRA_HINT = "onnxruntime is not installed: pip install 'custom_nets[onnx]' (onnx, onnxruntime, onnxscript)"
@@ -110,7 +112,7 @@ def onnx_parity(
     parser.read_config(str(root / config_file))
     parser["bundle_root"] = str(root)
     net = parser.get_parsed_content("network_def")
-    net.load_state_dict(torch.load(root / ckpt_file, map_location="cpu", weights_only=True))
+    net.load_state_dict(load_checkpoint(root / ckpt_file))
     forward = OnnxRuntimeForward(root / onnx_file)
     shape = [d if isinstance(d, int) else 1 for d in forward.input_shape]
     x = torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
