@@ -1,5 +1,5 @@
 """
-The lung CT bundle never copies a patient's name, id or birth date from DICOM headers into what it
+The lung CT bundle (and, for single ultrasound frames, the fetal head bundle) never copies a patient's name, id or birth date from DICOM headers into what it
 writes: output names and files, console output, the log file, or the MLflow store.
 
 A small DICOM series (32 x 32 x 8) is written with ``PatientName=Doe^Jane``, ``PatientID=PID-12345``,
@@ -26,6 +26,7 @@ import pytest
 
 from _export_helpers import REPO_ROOT, copy_bundle, write_initial_checkpoint
 from custom_nets.data.synthetic_dicom import write_dicom_series
+from image_files import write_dicom_2d
 
 BUNDLE = "lung_nodule_ct_segmentation"
 IDENTIFIERS = {"PatientName": "Doe^Jane", "PatientID": "PID-12345", "PatientBirthDate": "19700101"}
@@ -222,3 +223,28 @@ def test_evaluation_store_outputs_and_console_hold_no_identifier(evaluation):
     result, outputs = evaluation
     assert _file_leaks(outputs, FORBIDDEN) == {}
     assert _leaks(result.stdout + result.stderr, FORBIDDEN) == []
+
+
+@pytest.mark.slow
+def test_fetal_head_inference_on_an_ultrasound_dicom_writes_no_identifier(tmp_path):
+    """The 2D bundle: mask (a new DICOM object), overlay, CSV, console and log hold none of the patient's tags."""
+    import pydicom
+
+    bundle = copy_bundle("fetal_head_us_segmentation", tmp_path / "bundle")
+    write_initial_checkpoint(bundle)
+    rng = np.random.default_rng(0)
+    (tmp_path / "inputs").mkdir()
+    scan = write_dicom_2d(tmp_path / "inputs" / "frame_01.dcm", rng.integers(0, 255, (64, 96)), pixel_spacing=(0.2, 0.2), patient_name=IDENTIFIERS["PatientName"])
+    ds = pydicom.dcmread(scan)
+    ds.PatientID, ds.PatientBirthDate = IDENTIFIERS["PatientID"], IDENTIFIERS["PatientBirthDate"]
+    ds.save_as(scan)
+    outputs, log_file = tmp_path / "outputs", tmp_path / "logs" / "inference.log"
+    log_file.parent.mkdir()
+    result = _bundle_cli("run", "inference", "--config_file", bundle / "configs" / "inference.json", "--bundle_root", bundle,
+                         "--input_dir", scan.parent, "--output_dir", outputs, "--save_overlay", "true", "--image_size", "64",
+                         "--logging_file", _logging_conf_with_file(bundle, log_file))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (outputs / "frame_01_mask.dcm").is_file() and (outputs / "frame_01_overlay.png").is_file()
+    assert _file_leaks(outputs, FORBIDDEN) == {}
+    assert _leaks(result.stdout + result.stderr, FORBIDDEN) == [] and _leaks(log_file.read_text(), FORBIDDEN) == []
+    assert log_file.read_text().strip()  # the log was written, so the search above searched something
