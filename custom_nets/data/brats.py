@@ -33,6 +33,7 @@ from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type
 
 from custom_nets.data.splits import load_or_create_datalist
+from custom_nets.data.volume_io import GRID_AFFINE_TOLERANCE, check_same_grid, read_volume
 from custom_nets.errors import InputError
 
 __all__ = [
@@ -44,6 +45,8 @@ __all__ = [
     "brats_case",
     "brats_case_dirs",
     "brats_cases",
+    "check_label_values",
+    "check_case_volumes",
     "brats_datalist",
     "region_masks",
     "regions_to_labels",
@@ -147,7 +150,7 @@ def brats_case(
 def brats_case_dirs(dataset_dir: str | os.PathLike) -> list[str]:
     """
     The case folders in ``dataset_dir``, sorted (files such as ``name_mapping.csv`` and hidden entries are
-    not cases).
+    not cases; the skipped names are logged in one line).
 
     Raises:
         BraTSCaseError: ``dataset_dir`` is not a folder or holds no sub-folder.
@@ -155,7 +158,11 @@ def brats_case_dirs(dataset_dir: str | os.PathLike) -> list[str]:
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         raise BraTSCaseError(f"{dataset_dir}: BraTS dataset folder not found")
-    case_dirs = [os.fspath(p) for p in sorted(dataset_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    entries = sorted(dataset_dir.iterdir())
+    case_dirs = [os.fspath(p) for p in entries if p.is_dir() and not p.name.startswith(".")]
+    skipped = [p.name for p in entries if not p.is_dir() or p.name.startswith(".")]
+    if skipped:
+        logger.info("%s: skipped %d entry(ies) that are not case folders: %s", dataset_dir, len(skipped), ", ".join(skipped))
     if not case_dirs:
         raise BraTSCaseError(f"{dataset_dir}: no case folders (one folder of sequence files per case expected)")
     return case_dirs
@@ -182,6 +189,60 @@ def brats_cases(
     ]
 
 
+def check_label_values(label_path: str | os.PathLike, convention: str | Mapping[str, Any], case: str | None = None) -> list[int]:
+    """
+    Read a label volume and check that every value is a whole number allowed by ``convention``
+    (:data:`BRATS_CONVENTIONS`); return the values found.
+
+    Raises:
+        BraTSCaseError: one line naming the case, the label file and the values that do not belong there.
+
+    Example::
+
+        check_label_values("BraTS20_Training_001/BraTS20_Training_001_seg.nii.gz", "brats2020")  # [0, 1, 2, 4]
+    """
+    conv = _convention(convention)
+    label_path = Path(label_path)
+    case = case or label_path.parent.name
+    values = torch.unique(read_volume(label_path, case=case))
+    fractional = values[values != values.round()]
+    if fractional.numel():
+        raise BraTSCaseError(
+            f"{case}: {label_path.name} has non-integer label values (e.g. {float(fractional[0]):g}); "
+            "was it resampled with linear interpolation? labels need nearest-neighbour"
+        )
+    found = [int(v) for v in values.tolist()]
+    unknown = sorted(set(found) - set(conv["labels"]))
+    if unknown:
+        name = convention if isinstance(convention, str) else "the given convention"
+        raise BraTSCaseError(
+            f"{case}: {label_path.name} has label values {unknown} outside {name} (allowed {list(conv['labels'])}); "
+            "is --label_convention right?"
+        )
+    return found
+
+
+def check_case_volumes(
+    item: Mapping[str, Any],
+    label_convention: str | Mapping[str, Any] | None = None,
+    tolerance: float = GRID_AFFINE_TOLERANCE,
+) -> None:
+    """
+    Check one datalist entry of :func:`brats_case` before training: every sequence, the label and the
+    brain mask readable as one 3D volume each and on one voxel grid (shape and affine, from headers:
+    :func:`custom_nets.data.volume_io.check_same_grid`); with ``label_convention``, also the label's values
+    (:func:`check_label_values`, which reads the label). A label without any tumour is allowed.
+
+    Raises:
+        VolumeInputError, BraTSCaseError: one line naming the case and the file.
+    """
+    case = str(item["case"])
+    paths = [*item["image"], *(item[k] for k in ("label", "brain_mask") if item.get(k))]
+    check_same_grid(paths, case, tolerance)
+    if label_convention is not None and item.get("label"):
+        check_label_values(item["label"], label_convention, case)
+
+
 def brats_datalist(
     dataset_dir: str | os.PathLike,
     datalist_file: str | os.PathLike,
@@ -192,11 +253,14 @@ def brats_datalist(
     subject_regex: str | None = None,
     fractions: Sequence[float] = (0.7, 0.2, 0.1),
     seed: int = 0,
+    label_convention: str | Mapping[str, Any] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """
     The training/validation/test datalist of a labelled BraTS dataset, split by subject (seeded,
     ``fractions``), written once to ``datalist_file`` and reused (see
-    :func:`custom_nets.data.splits.load_or_create_datalist`).
+    :func:`custom_nets.data.splits.load_or_create_datalist`). Before the datalist is written, every case
+    is checked with :func:`check_case_volumes`, so a broken case stops the run with one line before
+    training starts rather than in the middle of an epoch.
 
     Args:
         dataset_dir: folder of case folders.
@@ -207,10 +271,12 @@ def brats_datalist(
             ``None``: every case is its own subject.
         fractions: training, validation, test fractions.
         seed: split seed.
+        label_convention: when given (``"brats2020"``, ``"brats2013"``), every label is read once and
+            values outside the convention are refused, naming the file; ``None`` checks headers only.
 
     Example::
 
-        splits = brats_datalist("MICCAI_BraTS2020_TrainingData", "datalist.json")
+        splits = brats_datalist("MICCAI_BraTS2020_TrainingData", "datalist.json", label_convention="brats2020")
         splits["training"][0]  # {"case": "BraTS20_Training_001", "image": [...4 paths], "label": ...}
     """
     pattern = re.compile(subject_regex) if subject_regex else None
@@ -226,7 +292,7 @@ def brats_datalist(
     return load_or_create_datalist(
         datalist_file,
         dataset_dir,
-        make_items=lambda: brats_cases(dataset_dir, sequences, image_pattern, label_pattern, brain_mask_pattern),
+        make_items=lambda: _checked(brats_cases(dataset_dir, sequences, image_pattern, label_pattern, brain_mask_pattern), label_convention),
         subject_of=subject_of,
         path_keys=("image", "label", "brain_mask"),
         fractions=fractions,
@@ -239,6 +305,12 @@ def brats_datalist(
             "subject_regex": subject_regex,
         },
     )
+
+
+def _checked(items: list[dict[str, Any]], label_convention: str | Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    for item in items:
+        check_case_volumes(item, label_convention)
+    return items
 
 
 def region_masks(label: torch.Tensor, convention: str | Mapping[str, Any] = "brats2020") -> torch.Tensor:
@@ -287,6 +359,7 @@ class BraTSCaseFilesd(MapTransform):
 
     Raises:
         BraTSCaseError: a missing sequence or brain-mask file, naming the case.
+        VolumeInputError: a brain mask that is not on the first sequence's voxel grid.
 
     Example::
 
@@ -315,6 +388,7 @@ class BraTSCaseFilesd(MapTransform):
             d[key] = item["image"]
             d.setdefault(self.case_key, item["case"])
             if "brain_mask" in item:
+                check_same_grid([item["image"][0], item["brain_mask"]], item["case"])  # the sequences: when read
                 d["brain_mask"] = item["brain_mask"]
         return d
 
@@ -357,8 +431,10 @@ class ConvertBraTSLabelsToRegionsd(MapTransform):
             try:
                 regions = region_masks(label, self.convention)
             except ValueError as e:
-                case = d.get(self.case_key) or (label.meta.get("case") if isinstance(label, MetaTensor) else None)
-                raise BraTSCaseError(f"{case or key}: {e}; is the label convention right?") from None
+                meta = label.meta if isinstance(label, MetaTensor) else {}
+                case = d.get(self.case_key) or meta.get("case")
+                source = Path(str(meta["source_path"])).name + ": " if meta.get("source_path") else ""
+                raise BraTSCaseError(f"{case or key}: {source}{e}; is the label convention right?") from None
             d[key] = convert_to_dst_type(regions, label, dtype=torch.float32)[0]
         return d
 

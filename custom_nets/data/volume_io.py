@@ -8,10 +8,12 @@ or one folder holding one DICOM series. Reading goes through MONAI's ``LoadImage
 (RAS) and ``original_affine`` in its metadata.
 
 Before any voxel is read, :func:`check_volume_input` looks at the headers and fails with a one-line
-:class:`VolumeInputError` that names the case: a MetaImage header without its data file, a folder
-with several DICOM series or a missing slice, an unsupported format. After reading, non-finite
-voxels are an error too. DICOM tags are never copied into metadata, messages or file names:
-cases are named after the file or folder.
+:class:`VolumeInputError` that names the case and the file: a MetaImage header without its data file,
+a folder with several DICOM series, a missing, corrupt or truncated slice, an unsupported format, a
+2D image or a file holding several volumes (one 3D volume per file and channel). Several channel
+files of one case must share one voxel grid (shape and affine, :func:`check_same_grid`). After
+reading, non-finite voxels are an error too. ``docs/bad_inputs.md`` lists every case. DICOM tags are
+never copied into metadata, messages or file names: cases are named after the file or folder.
 
 :func:`write_mask_like` writes a NIfTI mask with the shape and affine of the volume it was predicted
 from (for a NIfTI input, also its qform/sform codes), through a temporary file and ``os.replace``.
@@ -39,12 +41,15 @@ from custom_nets.errors import InputError
 __all__ = [
     "VolumeInputError",
     "VOLUME_SUFFIXES",
+    "GRID_AFFINE_TOLERANCE",
     "volume_format",
     "case_name",
     "list_volume_inputs",
     "dicom_series_files",
     "check_metaimage",
+    "volume_grid",
     "volume_shape",
+    "check_same_grid",
     "check_volume_input",
     "read_volume",
     "LoadVolumed",
@@ -69,6 +74,15 @@ _MET_TYPE_BYTES = {
 # DICOM tag keys ("0010|0010") as ITK names them: dropped from metadata so no identifier travels on.
 _DICOM_TAG_KEY = re.compile(r"^[0-9a-fA-F]{4}\|[0-9a-fA-F]{4}$")
 
+# A file with one of these suffixes in a series folder that pydicom cannot parse is a corrupt slice, not a stray file.
+_DICOM_FILE_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+# Uncompressed transfer syntaxes, whose pixel data length is rows x columns x samples x bytes per sample.
+_UNCOMPRESSED_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
+
+#: Largest accepted difference between two affines (voxel -> world, mm) of volumes that must overlay.
+GRID_AFFINE_TOLERANCE = 1e-3
+
 
 class VolumeInputError(InputError):
     """
@@ -81,6 +95,16 @@ class VolumeInputError(InputError):
 
 def _fail(case: str, problem: str) -> VolumeInputError:
     return VolumeInputError(f"{case}: {problem}".replace("\n", " "))
+
+
+def _for_case(case: str, path: Path, error: VolumeInputError) -> VolumeInputError:
+    """``error`` about one file of ``case`` (e.g. one MRI sequence), as ``case: <file>: problem``."""
+    text = str(error)
+    if text.startswith(f"{case}:"):
+        return error
+    own = f"{case_name(path)}: "
+    problem = text[len(own) :] if text.startswith(own) else text
+    return _fail(case, problem if path.name in problem else f"{path.name}: {problem}")
 
 
 def volume_format(path: str | os.PathLike) -> str:
@@ -120,6 +144,9 @@ def list_volume_inputs(input_dir: str | os.PathLike) -> list[Path]:
     DICOM series). Data files of MetaImage headers (``.raw``, ``.zraw``), hidden entries and other files
     are not cases.
 
+    Skipped entries (other than MetaImage data files) are logged in one line, so a scan saved with an
+    unexpected suffix does not vanish unnoticed.
+
     Raises:
         VolumeInputError: ``input_dir`` is not a folder or holds no case.
     """
@@ -127,11 +154,14 @@ def list_volume_inputs(input_dir: str | os.PathLike) -> list[Path]:
     if not input_dir.is_dir():
         raise _fail(str(input_dir), "input folder not found")
     suffixes = tuple(s for group in VOLUME_SUFFIXES.values() for s in group)
-    cases = [
-        p
-        for p in sorted(input_dir.iterdir())
-        if not p.name.startswith(".") and (p.is_dir() or p.name.lower().endswith(suffixes))
-    ]
+    cases, skipped = [], []
+    for p in sorted(input_dir.iterdir()):
+        if not p.name.startswith(".") and (p.is_dir() or p.name.lower().endswith(suffixes)):
+            cases.append(p)
+        elif p.suffix.lower() not in (".raw", ".zraw"):
+            skipped.append(p.name)
+    if skipped:
+        logger.info("%s: skipped %d entry(ies) that are not volumes: %s", input_dir, len(skipped), ", ".join(skipped))
     if not cases:
         raise _fail(str(input_dir), "no volume (NIfTI, NRRD, MetaImage file or DICOM series folder) in the folder")
     return cases
@@ -143,7 +173,8 @@ def dicom_series_files(folder: str | os.PathLike, spacing_tolerance: float = 0.0
     after checking that the series is one regular stack.
 
     Files that are not DICOM, and DICOM objects without an image plane (RTSTRUCT, SR, DICOMDIR), are
-    ignored. Only headers are read.
+    ignored; a file named ``*.dcm``/``*.dicom``/``*.ima`` (or starting like DICOM) that cannot be parsed
+    is a corrupt slice and an error. Only headers are read.
 
     Args:
         folder: the series folder (not searched recursively).
@@ -151,8 +182,8 @@ def dicom_series_files(folder: str | os.PathLike, spacing_tolerance: float = 0.0
             median gap, as a fraction of the median gap.
 
     Raises:
-        VolumeInputError: no image slice, several image series, slices of different size or
-            orientation, two slices at one position, or uneven slice gaps (a missing slice).
+        VolumeInputError: a corrupt DICOM file, no image slice, several image series, slices of
+            different size or orientation, two slices at one position, or uneven slice gaps (a missing slice).
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -166,8 +197,11 @@ def dicom_series_files(folder: str | os.PathLike, spacing_tolerance: float = 0.0
             continue
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
-        except (InvalidDicomError, OSError, EOFError, ValueError):
-            continue  # not DICOM (or not readable as DICOM): not part of a series
+        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as e:
+            if path.suffix.lower() in _DICOM_FILE_SUFFIXES or _starts_like_dicom(path):
+                reason = "no DICOM header" if isinstance(e, InvalidDicomError) else _one_line(e)
+                raise _fail(case, f"corrupt DICOM file {path.name} ({reason})") from None
+            continue  # not DICOM: a stray file, not part of a series
         if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "Rows" not in ds:
             continue  # no image plane: RTSTRUCT, SR, DICOMDIR, multi-frame enhanced objects
         series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((str(path), ds))
@@ -206,6 +240,34 @@ def dicom_series_files(folder: str | os.PathLike, spacing_tolerance: float = 0.0
             f"median {median:.4g} mm): a missing slice?",
         )
     return [slices[i][0] for i in order]
+
+
+def _starts_like_dicom(path: Path) -> bool:
+    """Whether a file has the DICOM preamble's ``DICM`` marker at byte 128."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _short_dicom_slices(files: Sequence[str]) -> list[str]:
+    """Names of uncompressed DICOM slices whose pixel data is shorter than rows x columns x samples x bytes."""
+    import pydicom
+
+    short = []
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path)
+            if str(ds.file_meta.get("TransferSyntaxUID", "")) not in _UNCOMPRESSED_SYNTAXES:
+                continue
+            needed = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
+            if len(ds.get("PixelData", b"")) < needed:
+                short.append(Path(path).name)
+        except Exception:  # unreadable in full: also a damaged slice
+            short.append(Path(path).name)
+    return short
 
 
 def check_metaimage(path: str | os.PathLike) -> None:
@@ -253,47 +315,126 @@ def check_metaimage(path: str | os.PathLike) -> None:
             raise _fail(case, f"MetaImage data file {data_file} is truncated ({actual} bytes, header needs {expected})")
 
 
-def volume_shape(path: str | os.PathLike) -> tuple[int, ...]:
-    """The spatial shape of a volume in the order the readers return it (i, j, k), from headers only."""
+def volume_grid(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray | None]:
+    """
+    The voxel grid of one case from its headers only: the spatial shape in the order the readers return
+    it (i, j, k) and the voxel -> world affine in RAS (as MONAI's readers give it; ``None`` for a DICOM
+    series, whose geometry is checked slice by slice instead).
+
+    Raises:
+        VolumeInputError: an unreadable header, a 2D image (fewer than 3 dimensions), or a file that holds
+            several volumes or vector voxels (e.g. a 4D NIfTI): one 3D volume per file and channel.
+    """
     fmt = volume_format(path)
+    path = Path(path)
     case = case_name(path)
     try:
-        if fmt == "nifti":
-            return tuple(int(s) for s in nib.load(os.fspath(path)).shape[:3])
         if fmt == "dicom":
             import pydicom
 
             files = dicom_series_files(path)
             ds = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["Rows", "Columns"])
-            return int(ds.Columns), int(ds.Rows), len(files)
-        import itk
+            return (int(ds.Columns), int(ds.Rows), len(files)), None
+        if fmt == "nifti":
+            header = nib.load(os.fspath(path))
+            shape, components, affine = tuple(int(s) for s in header.shape), 1, np.asarray(header.affine, dtype=np.float64)
+        else:
+            import itk
 
-        check_metaimage(path)
-        io = itk.ImageIOFactory.CreateImageIO(os.fspath(path), itk.CommonEnums.IOFileMode_ReadMode)
-        if io is None:
-            raise _fail(case, f"ITK cannot read {Path(path).name}")
-        io.SetFileName(os.fspath(path))
-        io.ReadImageInformation()
-        return tuple(int(io.GetDimensions(i)) for i in range(min(io.GetNumberOfDimensions(), 3)))
+            check_metaimage(path)
+            io = itk.ImageIOFactory.CreateImageIO(os.fspath(path), itk.CommonEnums.IOFileMode_ReadMode)
+            if io is None:
+                raise _fail(case, f"ITK cannot read {path.name}")
+            io.SetFileName(os.fspath(path))
+            io.ReadImageInformation()
+            ndim = io.GetNumberOfDimensions()
+            shape, components = tuple(int(io.GetDimensions(i)) for i in range(ndim)), int(io.GetNumberOfComponents())
+            affine = np.eye(4)
+            if ndim == 3:
+                direction = np.array([io.GetDirection(i) for i in range(3)], dtype=np.float64).T  # columns: axes
+                affine[:3, :3] = direction * np.array([io.GetSpacing(i) for i in range(3)])
+                affine[:3, 3] = [io.GetOrigin(i) for i in range(3)]
+                affine[:2] *= -1  # ITK's LPS -> RAS, as MONAI's ITKReader
     except VolumeInputError:
         raise
     except Exception as e:  # nibabel/ITK raise many types for damaged headers
-        raise _fail(case, f"cannot read the header of {Path(path).name}: {_one_line(e)}") from None
+        raise _fail(case, f"cannot read the header of {path.name}: {_one_line(e)}") from None
+    if len(shape) < 3:
+        raise _fail(case, f"{path.name} is a 2D image ({'x'.join(map(str, shape))}); this bundle segments 3D volumes")
+    extra = int(np.prod(shape[3:])) * components
+    if extra > 1:
+        raise _fail(
+            case,
+            f"{path.name} holds {extra} volumes or channels (shape {'x'.join(map(str, shape))}"
+            f"{f', {components} components per voxel' if components > 1 else ''}); one 3D volume per file is expected",
+        )
+    return shape[:3], affine
+
+
+def volume_shape(path: str | os.PathLike) -> tuple[int, ...]:
+    """The spatial shape of a volume in the order the readers return it (i, j, k), from headers only (:func:`volume_grid`)."""
+    return volume_grid(path)[0]
+
+
+def check_same_grid(
+    paths: Sequence[str | os.PathLike], case: str | None = None, tolerance: float = GRID_AFFINE_TOLERANCE
+) -> None:
+    """
+    Check from headers that volumes which must overlay voxel for voxel (the MRI sequences of a case, its
+    label, its brain mask) share one shape and one affine: no entry of two affines (voxel -> world, mm)
+    differs by more than ``tolerance``. DICOM series are compared by shape only.
+
+    Args:
+        paths: the volumes; the first is the reference.
+        case: name used in messages; defaults to the case name of the first path.
+        tolerance: largest accepted difference of affine entries.
+
+    Raises:
+        VolumeInputError: one line naming the case, the two files and how they differ.
+
+    Example::
+
+        check_same_grid(["p1/flair.nii.gz", "p1/t1ce.nii.gz", "p1/seg.nii.gz"], case="p1")
+    """
+    paths = [Path(p) for p in paths]
+    if len(paths) < 2:
+        return
+    case = case or case_name(paths[0])
+    grids = []
+    for p in paths:
+        try:
+            grids.append(volume_grid(p))
+        except VolumeInputError as e:
+            raise _for_case(case, p, e) from None
+    (shape0, affine0), name0 = grids[0], paths[0].name
+    for p, (shape, affine) in zip(paths[1:], grids[1:]):
+        if shape != shape0:
+            raise _fail(
+                case,
+                f"volumes of different shapes: {name0} {'x'.join(map(str, shape0))}, {p.name} {'x'.join(map(str, shape))}; "
+                "they must overlay voxel for voxel",
+            )
+        if affine is not None and affine0 is not None:
+            difference = float(np.abs(affine - affine0).max())
+            if difference > tolerance:
+                raise _fail(
+                    case,
+                    f"{p.name} is not on the voxel grid of {name0}: their affines (voxel -> world) differ by up to "
+                    f"{difference:.4g} mm (tolerance {tolerance:g}); resample one onto the other",
+                )
 
 
 def check_volume_input(path: str | os.PathLike) -> str:
     """
-    Check one case from its headers (format, MetaImage data file, DICOM series consistency) and
-    return its format; no voxel data are read.
+    Check one case from its headers (format, MetaImage data file, DICOM series consistency, one 3D
+    volume per file) and return its format; no voxel data are read.
 
     Raises:
-        VolumeInputError: see :func:`volume_format`, :func:`check_metaimage`, :func:`dicom_series_files`.
+        VolumeInputError: see :func:`volume_format`, :func:`check_metaimage`, :func:`dicom_series_files`,
+            :func:`volume_grid`.
     """
     fmt = volume_format(path)
-    if fmt == "dicom":
-        dicom_series_files(path)
-    elif fmt == "metaimage":
-        check_metaimage(path)
+    volume_grid(path)
     return fmt
 
 
@@ -336,7 +477,9 @@ def read_volume(path: str | os.PathLike | Sequence[str | os.PathLike], case: str
         case: name used in error messages and metadata; defaults to the case name of the (first) path.
 
     Raises:
-        VolumeInputError: unreadable or inconsistent input, or non-finite voxels (one line, names the case).
+        VolumeInputError: unreadable or inconsistent input (see :func:`check_volume_input`), channel files
+            on different voxel grids (:func:`check_same_grid`), or non-finite voxels; one line that names
+            the case and the file.
 
     Example::
 
@@ -352,32 +495,34 @@ def read_volume(path: str | os.PathLike | Sequence[str | os.PathLike], case: str
         try:
             formats.append(check_volume_input(p))
         except VolumeInputError as e:
-            if str(e).startswith(f"{case}:"):
-                raise
-            raise _fail(case, str(e)) from None
+            raise _for_case(case, p, e) from None
     if len(set(formats)) > 1:
         raise _fail(case, f"channels in different formats ({', '.join(formats)}); convert them to one format")
-    if len(paths) > 1:
-        shapes = [volume_shape(p) for p in paths]
-        if len(set(shapes)) > 1:
-            listing = ", ".join(f"{p.name} {'x'.join(map(str, s))}" for p, s in zip(paths, shapes))
-            raise _fail(case, f"volumes of different shapes: {listing}")
+    check_same_grid(paths, case)
     loader = LoadImage(reader=_reader_for(formats[0]), image_only=True, dtype=np.float32, ensure_channel_first=True)
     try:
         image = loader([os.fspath(p) for p in paths] if len(paths) > 1 else os.fspath(paths[0]))
     except Exception as e:  # readers raise RuntimeError/OSError/ValueError... for damaged files
+        short = _short_dicom_slices(dicom_series_files(paths[0])) if formats[0] == "dicom" else []
+        if short:
+            raise _fail(case, f"truncated DICOM slice(s) {', '.join(short)} (pixel data shorter than the header says)") from None
         raise _fail(case, f"cannot read {paths[0].name}: {_one_line(e)}") from None
     if image.dtype != torch.float32:
         image = image.float()
-    if image.ndim != 4:
-        raise _fail(case, f"expected a 3D volume, got data of shape {tuple(image.shape)}")
+    if image.ndim != 4 or image.shape[0] != len(paths):
+        raise _fail(case, f"expected {len(paths)} 3D volume(s), read data of shape {tuple(image.shape)} from {paths[0].name}")
     if formats[0] == "dicom":
-        expected = len(dicom_series_files(paths[0]))  # headers only; GDCM may group slices differently
-        if image.shape[-1] != expected:
-            raise _fail(case, f"ITK read {image.shape[-1]} slices from a series of {expected}")
-    if not bool(torch.isfinite(image).all()):
-        bad = int((~torch.isfinite(image)).sum())
-        raise _fail(case, f"{bad} voxel(s) are NaN or infinite")
+        files = dicom_series_files(paths[0])  # headers only; GDCM may group slices differently
+        if image.shape[-1] != len(files):
+            short = _short_dicom_slices(files)
+            if short:
+                raise _fail(case, f"truncated DICOM slice(s) {', '.join(short)} (pixel data shorter than the header says)")
+            raise _fail(case, f"ITK read {image.shape[-1]} slices from a series of {len(files)}")
+    finite = torch.isfinite(image).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        channel = int((~finite).nonzero()[0])
+        bad = int((~torch.isfinite(image[channel])).sum())
+        raise _fail(case, f"{paths[channel].name}: {bad} voxel(s) are NaN or infinite; fix or mask them before segmentation")
     for key in [k for k in image.meta if isinstance(k, str) and _DICOM_TAG_KEY.match(k)]:
         del image.meta[key]
     image.meta["case"] = case

@@ -3,8 +3,10 @@ Run a bundle's network on every image of a folder, one case at a time: a broken 
 skipped, the others are processed, and the run ends with the list of failures and a non-zero exit.
 
 MONAI's ``SupervisedEvaluator`` stops at the first unreadable file; a clinical batch job must not.
-The network part stays MONAI's: ``preprocessing`` and ``postprocessing`` are MONAI transforms and
-``inferer`` a MONAI inferer, so the same config keys serve MONAI Label and TorchScript inference.
+A problem with the whole run (an output folder that cannot be written) stops it before the first case.
+How each kind of bad input is handled is listed in ``docs/bad_inputs.md``. The network part stays
+MONAI's: ``preprocessing`` and ``postprocessing`` are MONAI transforms and ``inferer`` a MONAI
+inferer, so the same config keys serve MONAI Label and TorchScript inference.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import fnmatch
 import logging
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
@@ -26,7 +29,9 @@ from monai.inferers import Inferer, SimpleInferer
 from custom_nets.data.atomic_write import write_csv_atomic
 from custom_nets.errors import InputError, exception_chain
 
-__all__ = ["IMAGE_SUFFIXES", "list_images", "one_line_error", "FolderInference"]
+__all__ = ["IMAGE_SUFFIXES", "list_images", "check_output_dir", "one_line_error", "FolderInference"]
+
+logger = logging.getLogger(__name__)
 
 # MONAI's wrapper of transform errors: "applying transform <monai.transforms.io.dictionary.LoadImaged object at 0x..>"
 _MONAI_TRANSFORM = re.compile(r"applying transform <[\w.]*?\.(\w+) object")
@@ -40,7 +45,10 @@ def list_images(
 ) -> list[str]:
     """
     The image files in ``input_dir`` (not recursive), sorted; hidden files, other suffixes and names
-    matching a glob pattern of ``exclude`` (e.g. ``"*_Annotation.png"``) are skipped.
+    matching a glob pattern of ``exclude`` (e.g. ``"*_Annotation.png"``) are skipped. Skipped files
+    other than excluded ones (``notes.txt``, ``.DS_Store``) are logged in one line, so that an image
+    with an unexpected suffix does not vanish unnoticed. A file with an image suffix is always a case,
+    even when it turns out to be broken: it then fails on its own.
 
     Raises:
         InputError: ``input_dir`` is not a folder or holds no file with one of ``suffixes``.
@@ -49,29 +57,65 @@ def list_images(
     if not folder.is_dir():
         raise InputError(f"{folder}: input folder not found")
     wanted = tuple(s.lower() for s in suffixes)
-    files = sorted(
-        str(p)
-        for p in folder.iterdir()
-        if p.is_file()
-        and not p.name.startswith(".")
-        and p.name.lower().endswith(wanted)
-        and not any(fnmatch.fnmatch(p.name, pattern) for pattern in exclude)
-    )
+    files, skipped = [], []
+    for p in sorted(folder.iterdir()):
+        if any(fnmatch.fnmatch(p.name, pattern) for pattern in exclude):
+            continue
+        if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(wanted):
+            files.append(str(p))
+        else:
+            skipped.append(p.name + ("/" if p.is_dir() else ""))
+    if skipped:
+        logger.info("%s: skipped %d entry(ies) that are not images: %s", folder, len(skipped), ", ".join(skipped))
     if not files:
         raise InputError(f"{folder}: no image file ({', '.join(suffixes)}) in the folder")
     return files
 
 
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """
+    Make sure ``output_dir`` exists (created with its parents when missing) and that a file can be
+    created in it, by creating and removing an empty temporary file; return it.
+
+    A batch calls this before its first case, so a read-only, full or mistyped output location stops
+    the run at once with one line instead of failing every case after the work is done.
+
+    Raises:
+        InputError: one line naming the folder and why it cannot be written.
+
+    Example::
+
+        check_output_dir("/data/out")  # PosixPath('/data/out')
+    """
+    folder = Path(output_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except FileExistsError:
+        raise InputError(f"{folder}: output folder cannot be created: a file of that name is in the way") from None
+    except OSError as e:
+        raise InputError(f"{folder}: output folder is not writable ({e.strerror or type(e).__name__})") from None
+    return folder
+
+
 def one_line_error(error: BaseException) -> str:
     """
-    One line saying what went wrong: the innermost cause (``Type: first line``), prefixed with the MONAI
-    transform that raised it when there is one (MONAI wraps errors as ``applying transform <...>``).
+    One line saying what went wrong: the message of an :class:`~custom_nets.errors.InputError` in the
+    chain as it is (it names the file and the problem); otherwise the innermost cause (``Type: first
+    line``), prefixed with the MONAI transform that raised it when there is one (MONAI wraps errors as
+    ``applying transform <...>``).
 
     Example::
 
         one_line_error(e)  # "LoadImaged: OSError: image file is truncated (8 bytes not processed)"
     """
     chain = exception_chain(error)
+    input_error = next((e for e in chain if isinstance(e, InputError)), None)
+    if input_error is not None:  # our own messages are one line that names the file: kept as they are
+        message = " ".join(str(input_error).split())
+        return message if len(message) <= 300 else message[:297] + "..."
     root = chain[-1]
     lines = [line.strip() for line in str(root).splitlines() if line.strip()]
     kind = type(root).__name__ if type(root).__module__ == "builtins" else f"{type(root).__module__}.{type(root).__name__}"
@@ -82,6 +126,11 @@ def one_line_error(error: BaseException) -> str:
             message = f"{match.group(1)}: {message}"
             break
     return message if len(message) <= 300 else message[:297] + "..."
+
+
+def _naming(path: str, reason: str) -> str:
+    """``reason`` as a line that names the input by its full path (unless it already starts with it)."""
+    return reason if reason.startswith(path) else f"{path}: {reason}"
 
 
 class FolderInference:
@@ -95,6 +144,14 @@ class FolderInference:
     per input (``status`` ``ok`` or the reason) is written atomically to ``results_csv``, the failures
     are logged, and, when there were failures and ``exit_code_on_failure`` is set, the process exits
     with that code (so a pipeline notices) without a traceback.
+
+    Before the first case, ``output_dir`` is checked (:func:`check_output_dir`): an output folder that
+    cannot be written stops the run with one :class:`InputError` line. ``input_check`` (e.g.
+    :func:`custom_nets.data.image2d.check_image_2d`) runs on each input path before the transforms,
+    so a broken or unsuitable file fails with a message that names the problem. An input that is
+    constant after pre-processing (a blank frame, a volume entirely outside the intensity window)
+    holds nothing to segment: with ``empty_mask_for_constant_input`` its label map is set to 0
+    (background) after post-processing, a warning is logged, and the results row says so in ``note``.
 
     Args:
         inputs: image paths (or dicts with ``image_key``), e.g. from :func:`list_images`.
@@ -110,6 +167,11 @@ class FolderInference:
         image_key: key of the image in the case dict.
         pred_key: key of the prediction.
         exit_code_on_failure: exit code when a case failed (``None``: just return the report).
+        output_dir: folder the outputs go to, checked before the first case (``None``: the folder of
+            ``results_csv`` when given).
+        input_check: callable ``path -> None`` that raises an :class:`InputError` for an unusable input.
+        empty_mask_for_constant_input: write an empty mask for a constant input instead of the network's
+            answer (label 0 must be background, as in every bundle of this project).
 
     Returns from :meth:`run` the rows of the results table.
 
@@ -119,7 +181,8 @@ class FolderInference:
                    "inputs": "$custom_nets.engines.folder_inference.list_images(@input_dir)",
                    "network": "@network", "preprocessing": "@preprocessing",
                    "postprocessing": "@postprocessing", "inferer": "@inferer", "device": "@device",
-                   "case_outputs": ["@mask_writer"], "results_csv": "$@output_dir + '/results.csv'"},
+                   "case_outputs": ["@mask_writer"], "results_csv": "$@output_dir + '/results.csv'",
+                   "output_dir": "@output_dir", "input_check": "$custom_nets.data.image2d.check_image_2d"},
         "run": ["$@runner.run()"]
     """
 
@@ -138,6 +201,9 @@ class FolderInference:
         pred_key: str = "pred",
         exit_code_on_failure: int | None = 1,
         name: str = "FolderInference",
+        output_dir: str | os.PathLike | None = None,
+        input_check: Callable[[str], Any] | None = None,
+        empty_mask_for_constant_input: bool = True,
     ) -> None:
         self.inputs = [dict(i) if isinstance(i, Mapping) else {image_key: os.fspath(i)} for i in inputs]
         self.network = network
@@ -152,10 +218,19 @@ class FolderInference:
         self.pred_key = pred_key
         self.exit_code_on_failure = exit_code_on_failure
         self.logger = logging.getLogger(name)
+        if output_dir is None and results_csv is not None:
+            output_dir = Path(results_csv).parent
+        self.output_dir = output_dir
+        self.input_check = input_check
+        self.empty_mask_for_constant_input = empty_mask_for_constant_input
 
     def _infer_one(self, item: dict[str, Any]) -> dict[str, Any]:
+        if self.input_check is not None:
+            self.input_check(str(item[self.image_key]))
         case = self.preprocessing(dict(item))
         image = case[self.image_key]
+        low, high = torch.aminmax(torch.as_tensor(image))
+        constant = self.empty_mask_for_constant_input and bool(low == high)
         autocast = torch.autocast("cuda") if self.amp else nullcontext()
         # a plain tensor through the network: MetaTensor bookkeeping on every layer costs more than the
         # network itself on small inputs; the prediction gets the image's metadata back for Invertd
@@ -166,12 +241,18 @@ class FolderInference:
         if self.postprocessing is not None:
             case = self.postprocessing(case)
         columns: dict[str, Any] = {}
+        if constant:
+            case[self.pred_key] = case[self.pred_key].clone().zero_()
+            columns["note"] = "constant image: empty mask"
+            self.logger.warning(f"{item[self.image_key]}: constant image after pre-processing, nothing to segment: empty mask")
         for output in self.case_outputs:
             columns.update(output(case) or {})
         return columns
 
     def run(self) -> list[dict[str, Any]]:
         """Infer every input; write the results table; exit with ``exit_code_on_failure`` when a case failed."""
+        if self.output_dir is not None:
+            check_output_dir(self.output_dir)
         self.network.eval()
         rows: list[dict[str, Any]] = []
         failures: list[tuple[str, str]] = []
@@ -184,7 +265,7 @@ class FolderInference:
                 reason = one_line_error(e)
                 failures.append((path, reason))
                 rows.append({"image": os.path.basename(path), "status": f"failed: {reason}"})
-                self.logger.error(f"[{index}/{len(self.inputs)}] {path}: {reason}")
+                self.logger.error(f"[{index}/{len(self.inputs)}] {_naming(path, reason)}")
                 continue
             rows.append({"image": os.path.basename(path), "status": "ok", **columns})
             self.logger.info(f"[{index}/{len(self.inputs)}] {os.path.basename(path)}: ok")
@@ -197,7 +278,7 @@ class FolderInference:
         if failures:
             self.logger.error(f"{len(failures)} image(s) failed:")
             for path, reason in failures:
-                self.logger.error(f"  {path}: {reason}")
+                self.logger.error(f"  {_naming(path, reason)}")
             if self.exit_code_on_failure is not None:
                 raise SystemExit(self.exit_code_on_failure)
         return rows

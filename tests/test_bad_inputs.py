@@ -1,0 +1,528 @@
+"""
+Bad inputs across the three bundles, through the library functions the bundles call (fast): each case
+asserts the one-line message (the file and the problem) or the documented handling of docs/bad_inputs.md.
+The same cases through the real ``python -m monai.bundle`` CLI are in ``test_bad_inputs_cli.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from custom_nets.data.atomic_write import atomic_path
+from custom_nets.data.brats import BraTSCaseError, ConvertBraTSLabelsToRegionsd, brats_datalist
+from custom_nets.data.hc18 import IMAGE_FOLDER, HC18DataError, write_datalist
+from custom_nets.data.image2d import check_image_2d
+from custom_nets.data.synthetic_brats import make_synthetic_brats
+from custom_nets.data.synthetic_dicom import write_dicom_series
+from custom_nets.data.synthetic_hc18 import generate
+from custom_nets.data.volume_io import VolumeInputError, list_volume_inputs, read_volume
+from custom_nets.engines.folder_inference import FolderInference, check_output_dir, list_images
+from custom_nets.errors import InputError
+from image_files import write_dicom_2d, write_nifti_2d, write_png
+
+RNG = np.random.default_rng(0)
+PICTURE = (RNG.random((48, 64)) * 255).astype(np.uint8)
+VOLUME = (RNG.random((16, 16, 6)) * 1400 - 1000).astype(np.float32)
+AFFINE = np.diag([0.8, 0.8, 2.5, 1.0])
+
+
+def _one_line_naming(message: str, name: str, phrase: str) -> None:
+    assert "\n" not in message, message
+    assert name in message, f"{name!r} not named in: {message}"
+    assert phrase in message, f"{phrase!r} not in: {message}"
+
+
+# ----- 2D images (fetal head bundle): custom_nets.data.image2d.check_image_2d ---------------------------
+
+
+def _truncated_png(folder: Path) -> Path:
+    data = write_png(folder / "trunc.png", PICTURE).read_bytes()
+    (folder / "trunc.png").write_bytes(data[: len(data) // 2])
+    return folder / "trunc.png"
+
+
+def _corrupt_png(folder: Path) -> Path:
+    (folder / "corrupt.png").write_bytes(os.urandom(400))
+    return folder / "corrupt.png"
+
+
+def _corrupt_dicom_2d(folder: Path) -> Path:
+    data = write_dicom_2d(folder / "us.dcm", PICTURE, pixel_spacing=(0.2, 0.2)).read_bytes()
+    (folder / "us.dcm").write_bytes(data[:300])
+    return folder / "us.dcm"
+
+
+def _volume_as_2d(folder: Path) -> Path:
+    nib.save(nib.Nifti1Image(VOLUME, AFFINE), folder / "ct.nii.gz")
+    return folder / "ct.nii.gz"
+
+
+def _nan_tiff(folder: Path) -> Path:
+    image = PICTURE.astype(np.float32)
+    image[3, 4] = np.nan
+    Image.fromarray(image).save(folder / "nan.tif")
+    return folder / "nan.tif"
+
+
+def _inf_nifti_2d(folder: Path) -> Path:
+    image = PICTURE.astype(np.float32)
+    image[0, 0] = np.inf
+    return write_nifti_2d(folder / "inf.nii.gz", image)
+
+
+def _palette_png(folder: Path) -> Path:
+    Image.fromarray(PICTURE).convert("P").save(folder / "palette.png")
+    return folder / "palette.png"
+
+
+def _multipage_tiff(folder: Path) -> Path:
+    pages = [Image.fromarray(PICTURE), Image.fromarray(PICTURE[::-1].copy())]
+    pages[0].save(folder / "cine.tif", save_all=True, append_images=pages[1:])
+    return folder / "cine.tif"
+
+
+def _text_with_image_name(folder: Path) -> Path:
+    (folder / "notes.png").write_text("this is not a picture")
+    return folder / "notes.png"
+
+
+@pytest.mark.parametrize(
+    "make, phrase",
+    [
+        (_truncated_png, "cannot read the image (OSError: image file is truncated"),
+        (_corrupt_png, "cannot read the image (UnidentifiedImageError"),
+        (_text_with_image_name, "cannot read the image"),
+        (_corrupt_dicom_2d, "cannot read the DICOM image"),
+        (_volume_as_2d, "is a 3D volume of shape 16x16x6; this bundle segments 2D images"),
+        (_nan_tiff, "1 pixel(s) are NaN or infinite"),
+        (_inf_nifti_2d, "1 pixel(s) are NaN or infinite"),
+        (_palette_png, "palette (indexed-colour) image"),
+        (_multipage_tiff, "2 frames or pages in one file"),
+        (lambda folder: folder / "missing.png", "no such file"),
+    ],
+    ids=["truncated-png", "corrupt-png", "text-named-png", "corrupt-dicom", "3d-to-2d-bundle", "nan", "inf",
+         "palette", "multi-page", "missing"],  # fmt: skip
+)
+def test_bad_2d_image_is_one_line_naming_the_file(tmp_path, make, phrase):
+    path = make(tmp_path)
+    with pytest.raises(InputError) as info:
+        check_image_2d(path)
+    _one_line_naming(str(info.value), str(path), phrase)
+
+
+def _pil(path: Path, image: Image.Image) -> Path:
+    image.save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda f: write_png(f / "gray.png", PICTURE),
+        lambda f: _pil(f / "gray alpha.png", Image.fromarray(np.stack([PICTURE, PICTURE], -1), mode="LA")),
+        lambda f: _pil(f / "rgba.png", Image.fromarray(np.dstack([PICTURE] * 3 + [np.full_like(PICTURE, 255)]), mode="RGBA")),
+        lambda f: _pil(f / "sixteen.png", Image.fromarray(PICTURE.astype(np.uint16) * 200)),
+        lambda f: write_nifti_2d(f / "slice.nii.gz", PICTURE[..., None]),
+        lambda f: write_png(f / "Patiënt data scan 01.png", PICTURE),
+    ],
+    ids=["gray", "gray-alpha", "rgba", "16-bit", "nifti-HxWx1", "spaces-and-non-ascii"],
+)
+def test_usable_2d_image_passes_the_check(tmp_path, make):
+    path = make(tmp_path)
+    assert check_image_2d(path) == path
+
+
+# ----- 3D volumes (brain MRI and lung CT bundles): custom_nets.data.volume_io.read_volume ---------------
+
+
+def _nifti(path: Path, data: np.ndarray = VOLUME, affine: np.ndarray = AFFINE) -> Path:
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+def _truncated_nifti_gz(folder: Path) -> Path:
+    data = _nifti(folder / "trunc.nii.gz").read_bytes()
+    (folder / "trunc.nii.gz").write_bytes(data[: len(data) // 2])
+    return folder / "trunc.nii.gz"
+
+
+def _truncated_nifti(folder: Path) -> Path:
+    data = _nifti(folder / "short.nii").read_bytes()
+    (folder / "short.nii").write_bytes(data[: len(data) // 2])
+    return folder / "short.nii"
+
+
+def _corrupt_nifti(folder: Path) -> Path:
+    (folder / "corrupt.nii.gz").write_bytes(os.urandom(300))
+    return folder / "corrupt.nii.gz"
+
+
+def _nifti_2d(folder: Path) -> Path:
+    return _nifti(folder / "flat.nii.gz", VOLUME[..., 0])
+
+
+def _nifti_two_volumes(folder: Path) -> Path:
+    return _nifti(folder / "twochan.nii.gz", np.stack([VOLUME, VOLUME], -1))
+
+
+def _nifti_nan(folder: Path) -> Path:
+    data = VOLUME.copy()
+    data[2, 3, 4] = np.nan
+    return _nifti(folder / "nan.nii.gz", data)
+
+
+def _nifti_inf(folder: Path) -> Path:
+    data = VOLUME.copy()
+    data[0, 0, 0] = -np.inf
+    return _nifti(folder / "inf.nii.gz", data)
+
+
+def _dicom_series(folder: Path, depth: int = 6, uid: str | None = None) -> Path:
+    write_dicom_series(VOLUME[..., :depth].astype(np.int16), folder, spacing=(0.8, 0.8, 2.5), series_uid=uid)
+    return folder
+
+
+def _dicom_corrupt_slice(folder: Path) -> Path:
+    _dicom_series(folder / "corrupt_slice")
+    (folder / "corrupt_slice" / "slice_0002.dcm").write_bytes(os.urandom(200))
+    return folder / "corrupt_slice"
+
+
+def _dicom_truncated_slice(folder: Path) -> Path:
+    _dicom_series(folder / "short_slice")
+    path = folder / "short_slice" / "slice_0003.dcm"
+    path.write_bytes(path.read_bytes()[:-300])
+    return folder / "short_slice"
+
+
+def _dicom_two_series(folder: Path) -> Path:
+    _dicom_series(folder / "two_series", uid="1.2.826.0.1.3680043.8.498.1")
+    _dicom_series(folder / "other", depth=3, uid="1.2.826.0.1.3680043.8.498.2")
+    for i, path in enumerate(sorted((folder / "other").iterdir())):
+        shutil.move(path, folder / "two_series" / f"other_{i}.dcm")
+    return folder / "two_series"
+
+
+def _dicom_single_slice(folder: Path) -> Path:
+    return _dicom_series(folder / "one_slice", depth=1)
+
+
+@pytest.mark.parametrize(
+    "make, name, phrase",
+    [
+        (_truncated_nifti_gz, "trunc.nii.gz", "cannot read trunc.nii.gz: EOFError"),
+        (_truncated_nifti, "short.nii", "cannot read short.nii"),
+        (_corrupt_nifti, "corrupt.nii.gz", "cannot read the header of corrupt.nii.gz"),
+        (_nifti_2d, "flat.nii.gz", "is a 2D image (16x16); this bundle segments 3D volumes"),
+        (_nifti_two_volumes, "twochan.nii.gz", "holds 2 volumes or channels (shape 16x16x6x2)"),
+        (_nifti_nan, "nan.nii.gz", "1 voxel(s) are NaN or infinite"),
+        (_nifti_inf, "inf.nii.gz", "1 voxel(s) are NaN or infinite"),
+        (_dicom_corrupt_slice, "slice_0002.dcm", "corrupt DICOM file slice_0002.dcm (no DICOM header)"),
+        (_dicom_truncated_slice, "slice_0003.dcm", "truncated DICOM slice(s) slice_0003.dcm"),
+        (_dicom_two_series, "two_series", "2 DICOM image series in one folder (6, 3 slices)"),
+        (_dicom_single_slice, "one_slice", "has a single slice; a volume needs at least two"),
+    ],
+    ids=["truncated-nii-gz", "truncated-nii", "corrupt-nifti", "2d-to-3d-bundle", "two-channels", "nan", "inf",
+         "dicom-corrupt-slice", "dicom-truncated-slice", "dicom-two-series", "dicom-single-slice"],  # fmt: skip
+)
+def test_bad_volume_is_one_line_naming_the_file(tmp_path, make, name, phrase):
+    path = make(tmp_path)
+    with pytest.raises(VolumeInputError) as info:
+        read_volume(path)
+    _one_line_naming(str(info.value), name, phrase)
+
+
+@pytest.mark.parametrize(
+    "make, suffix",
+    [
+        (lambda p: _nifti(p.with_suffix(".nii.gz")), ".nii.gz"),
+        (lambda p: _itk_write(p.with_suffix(".nrrd")), ".nrrd"),
+        (lambda p: _itk_write(p.with_suffix(".mhd")), ".mhd"),
+        (lambda p: _dicom_series(p), ""),
+    ],
+    ids=["nifti", "nrrd", "metaimage", "dicom-folder"],
+)
+def test_path_with_spaces_and_non_ascii_reads(tmp_path, make, suffix):
+    folder = tmp_path / "Patiënt data"
+    folder.mkdir()
+    path = make(folder / "scän 01")
+    image = read_volume(path)
+    assert tuple(image.shape[1:]) == VOLUME.shape and image.meta["case"] == "scän 01"
+
+
+def _itk_write(path: Path) -> Path:
+    import itk
+
+    itk.imwrite(itk.image_from_array(np.ascontiguousarray(VOLUME.T)), os.fspath(path), compression=False)
+    return path
+
+
+def test_channels_on_different_grids_are_refused(tmp_path):
+    flair = _nifti(tmp_path / "flair.nii.gz")
+    shifted = AFFINE.copy()
+    shifted[0, 3] += 2.0  # the second sequence is 2 mm off: not co-registered
+    t1ce = _nifti(tmp_path / "t1ce.nii.gz", affine=shifted)
+    with pytest.raises(VolumeInputError) as info:
+        read_volume([flair, t1ce], case="patient_07")
+    _one_line_naming(str(info.value), "t1ce.nii.gz", "is not on the voxel grid of flair.nii.gz")
+    assert str(info.value).startswith("patient_07:")
+
+
+# ----- training/evaluation datalists: labels, masks, sequences -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def brats_source(tmp_path_factory) -> Path:
+    return Path(make_synthetic_brats(str(tmp_path_factory.mktemp("brats")), num_cases=3, shape=(16, 16, 8), seed=3))
+
+
+@pytest.fixture
+def brats_copy(brats_source, tmp_path) -> Path:
+    return Path(shutil.copytree(brats_source, tmp_path / "brats"))
+
+
+def _relabel(dataset: Path, change) -> Path:
+    path = dataset / "BraTS20_Training_002" / "BraTS20_Training_002_seg.nii.gz"
+    image = nib.load(path)
+    data, affine = change(np.asarray(image.dataobj).astype(np.float32), image.affine.copy())
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+def _with_value(value):
+    def change(data, affine):
+        data[0, 0, 0] = value
+        return data, affine
+
+    return change
+
+
+def _shift(data, affine):
+    affine[2, 3] += 1.0
+    return data, affine
+
+
+@pytest.mark.parametrize(
+    "change, phrase",
+    [
+        (_with_value(3), "has label values [3] outside brats2020 (allowed [0, 1, 2, 4])"),
+        (_with_value(7), "has label values [7] outside brats2020"),
+        (_with_value(0.5), "has non-integer label values (e.g. 0.5)"),
+        (lambda data, affine: (data[:, :, :-1], affine), "volumes of different shapes"),
+        (_shift, "BraTS20_Training_002_seg.nii.gz is not on the voxel grid of BraTS20_Training_002_t1.nii.gz"),
+    ],
+    ids=["label-3-under-brats2020", "label-7", "interpolated-label", "label-shape-mismatch", "label-affine-mismatch"],
+)
+def test_bad_brats_label_stops_the_datalist_naming_the_file(brats_copy, tmp_path, change, phrase):
+    _relabel(brats_copy, change)
+    datalist = tmp_path / "datalist.json"
+    with pytest.raises(InputError) as info:
+        brats_datalist(brats_copy, datalist, label_convention="brats2020")
+    _one_line_naming(str(info.value), "BraTS20_Training_002_seg.nii.gz", phrase)
+    assert str(info.value).startswith("BraTS20_Training_002:")
+    assert not datalist.exists()
+
+
+def test_brats_case_missing_a_sequence_stops_the_datalist(brats_copy, tmp_path):
+    (brats_copy / "BraTS20_Training_003" / "BraTS20_Training_003_flair.nii.gz").unlink()
+    with pytest.raises(BraTSCaseError) as info:
+        brats_datalist(brats_copy, tmp_path / "datalist.json")
+    _one_line_naming(str(info.value), "BraTS20_Training_003", "missing MRI sequence(s) flair")
+    assert not (tmp_path / "datalist.json").exists()
+
+
+def test_brats_empty_label_is_allowed(brats_copy, tmp_path):
+    _relabel(brats_copy, lambda data, affine: (np.zeros_like(data), affine))  # a case without tumour
+    datalist = brats_datalist(brats_copy, tmp_path / "datalist.json", label_convention="brats2020")
+    assert sum(len(part) for part in datalist.values()) == 3
+
+
+def test_label_values_refused_at_training_time_name_the_label_file(brats_source):
+    label_path = Path(brats_source) / "BraTS20_Training_001" / "BraTS20_Training_001_seg.nii.gz"
+    label = read_volume(label_path, case="BraTS20_Training_001")
+    label[0, 0, 0, 0] = 3
+    with pytest.raises(BraTSCaseError) as info:
+        ConvertBraTSLabelsToRegionsd(keys="label", convention="brats2020")({"label": label})
+    _one_line_naming(str(info.value), "BraTS20_Training_001_seg.nii.gz", "label values [3] are not part of brats2020")
+
+
+@pytest.fixture(scope="module")
+def hc18_source(tmp_path_factory) -> Path:
+    return Path(generate(str(tmp_path_factory.mktemp("hc18") / "synthetic"), num_images=4, height=48, width=64, seed=1))
+
+
+def test_hc18_empty_annotation_is_refused_naming_the_file(hc18_source, tmp_path):
+    dataset = Path(shutil.copytree(hc18_source, tmp_path / "hc18"))
+    annotation = dataset / IMAGE_FOLDER / "002_HC_Annotation.png"
+    write_png(annotation, np.zeros((48, 64), np.uint8))
+    with pytest.raises(HC18DataError) as info:
+        write_datalist(dataset, tmp_path / "datalist.json")
+    _one_line_naming(str(info.value), str(annotation), "the annotation is empty (no head drawn)")
+    assert not (tmp_path / "datalist.json").exists()
+
+
+def test_hc18_annotation_with_other_values_counts_every_non_zero_pixel_as_head(hc18_source, tmp_path):
+    dataset = Path(shutil.copytree(hc18_source, tmp_path / "hc18"))
+    annotation = dataset / IMAGE_FOLDER / "002_HC_Annotation.png"
+    values = np.asarray(Image.open(annotation))
+    graded = np.where(values > 0, 128, 0).astype(np.uint8)
+    graded.flat[np.flatnonzero(values > 0)[::2]] = 7  # anti-aliased or multi-valued annotation
+    write_png(annotation, graded)
+    datalist = write_datalist(dataset, tmp_path / "datalist.json")
+    item = next(i for part in datalist.values() for i in part if i["image"].endswith("002_HC.png"))
+    assert np.array_equal(np.asarray(Image.open(item["label"])), (values > 0).astype(np.uint8))
+
+
+# ----- batch inference engine: output folder, non-image files, constant images, partial files ----------
+
+
+class _CountingNet(torch.nn.Module):
+    """Two-class logits, bright pixels foreground; counts its calls (the network is not what is tested here)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return torch.cat([0.5 - x, x - 0.5], dim=1) * 20
+
+
+def _png_runner(inputs: Path, out: Path, network=None, case_outputs=None) -> FolderInference:
+    from monai.transforms import AsDiscreted, Compose, EnsureChannelFirstd, LoadImaged, ScaleIntensityd
+
+    from custom_nets.engines.case_writers import MaskWriter
+
+    return FolderInference(
+        inputs=list_images(inputs),
+        network=network or _CountingNet(),
+        preprocessing=Compose([LoadImaged("image"), EnsureChannelFirstd("image"), ScaleIntensityd("image")]),
+        postprocessing=AsDiscreted("pred", argmax=True),
+        case_outputs=case_outputs if case_outputs is not None else [MaskWriter(out)],
+        results_csv=out / "results.csv",
+        input_check=check_image_2d,
+        exit_code_on_failure=None,
+    )
+
+
+@pytest.fixture
+def png_inputs(tmp_path) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_png(folder / "a.png", PICTURE)
+    write_png(folder / "b.png", 255 - PICTURE)
+    return folder
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        (folder / ".probe").touch()
+        (folder / ".probe").unlink()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder no file can be created in: mode 0o555, and for root (who ignores modes) the immutable attribute."""
+    folder = tmp_path / "read only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    immutable = False
+    if _writable(folder) and shutil.which("chattr"):
+        immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    if _writable(folder):
+        folder.chmod(0o755)
+        pytest.skip("cannot make a read-only folder here (root on a file system without chattr +i)")
+    yield folder
+    if immutable:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    folder.chmod(0o755)
+
+
+def _blocked_by_file(tmp_path: Path) -> tuple[Path, str]:
+    (tmp_path / "out.txt").write_text("a file where the output folder should go")
+    return tmp_path / "out.txt" / "masks", "output folder is not writable (Not a directory)"
+
+
+def _is_a_file(tmp_path: Path) -> tuple[Path, str]:
+    (tmp_path / "results").write_text("a file")
+    return tmp_path / "results", "a file of that name is in the way"
+
+
+@pytest.mark.parametrize("make", [_blocked_by_file, _is_a_file], ids=["parent-is-a-file", "output-is-a-file"])
+def test_unusable_output_folder_stops_before_the_first_case(png_inputs, tmp_path, make):
+    out, phrase = make(tmp_path)
+    net = _CountingNet()
+    with pytest.raises(InputError) as info:
+        _png_runner(png_inputs, out, network=net).run()
+    _one_line_naming(str(info.value), str(out), phrase)
+    assert net.calls == 0
+
+
+def test_read_only_output_folder_stops_before_the_first_case(png_inputs, read_only_dir):
+    net = _CountingNet()
+    with pytest.raises(InputError) as info:
+        _png_runner(png_inputs, read_only_dir, network=net).run()
+    _one_line_naming(str(info.value), str(read_only_dir), "output folder is not writable")
+    assert net.calls == 0 and not any(read_only_dir.iterdir())
+
+
+def test_check_output_dir_creates_a_missing_folder_with_spaces_and_non_ascii(tmp_path):
+    folder = tmp_path / "Patiënt data" / "masks 01"
+    assert check_output_dir(folder) == folder and folder.is_dir() and not any(folder.iterdir())
+
+
+@pytest.mark.parametrize("lister", [list_images, list_volume_inputs], ids=["2d-folder", "volume-folder"])
+def test_non_image_files_are_skipped_and_logged(tmp_path, caplog, lister):
+    write_png(tmp_path / "scan.png", PICTURE)
+    _nifti(tmp_path / "scan.nii.gz")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / ".DS_Store").write_bytes(b"\0")
+    with caplog.at_level(logging.INFO):
+        cases = [Path(p).name for p in lister(tmp_path)]
+    assert "notes.txt" not in cases and ".DS_Store" not in cases
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 1 and "notes.txt" in skipped[0] and ".DS_Store" in skipped[0] and str(tmp_path) in skipped[0]
+
+
+def test_constant_image_gives_an_empty_mask_and_a_note(png_inputs, tmp_path, caplog):
+    write_png(png_inputs / "blank.png", np.full((48, 64), 200, np.uint8))  # the bright-is-head net would fill it
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        rows = {r["image"]: r for r in _png_runner(png_inputs, out).run()}
+    assert rows["blank.png"]["status"] == "ok" and rows["blank.png"]["note"] == "constant image: empty mask"
+    mask = np.asarray(Image.open(out / "blank_mask.png"))
+    assert mask.shape == (48, 64) and not mask.any()
+    assert any("blank.png" in r.getMessage() and "constant image" in r.getMessage() for r in caplog.records)
+    assert "note" not in rows["a.png"] and np.asarray(Image.open(out / "a_mask.png")).any()
+
+
+def test_failed_case_leaves_no_partial_file_and_the_batch_goes_on(png_inputs, tmp_path):
+    _truncated_png(png_inputs)
+
+    def half_written(case):  # an output that fails in the middle of writing b.png's file
+        name = Path(case["image"].meta["filename_or_obj"]).stem
+        with atomic_path(tmp_path / "out" / f"{name}.bin") as tmp:
+            tmp.write_bytes(b"half")
+            if name == "b":
+                raise OSError("disk full")
+        return {"bin": f"{name}.bin"}
+
+    out = tmp_path / "out"
+    rows = {r["image"]: r["status"] for r in _png_runner(png_inputs, out, case_outputs=[half_written]).run()}
+    assert rows["a.png"] == "ok"
+    assert rows["b.png"] == "failed: OSError: disk full"
+    assert rows["trunc.png"].startswith(f"failed: {png_inputs / 'trunc.png'}: cannot read the image")
+    assert sorted(p.name for p in out.iterdir()) == ["a.bin", "results.csv"]  # nothing half-written, no temp file
