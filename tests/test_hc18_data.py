@@ -255,3 +255,18 @@ def test_synthetic_generator_command_line(tmp_path):
     )
     assert len(read_pixel_sizes(out / PIXEL_SIZE_CSV)) == 3
     assert len(list((out / IMAGE_FOLDER).glob("*_Annotation.png"))) == 3
+
+
+def test_a_palette_training_image_is_refused_naming_it(tmp_path):
+    """The same 2D checks as inference: palette indices are not intensities."""
+    from PIL import Image
+
+    from custom_nets.data.hc18 import IMAGE_FOLDER, write_datalist
+    from custom_nets.data.synthetic_hc18 import generate
+
+    dataset = Path(generate(str(tmp_path / "hc18"), num_images=4, height=64, width=64, seed=0))
+    image = sorted((dataset / IMAGE_FOLDER).glob("*_HC.png"))[0]
+    Image.open(image).convert("P").save(image)
+    with pytest.raises(InputError, match=rf"{image}: palette"):
+        write_datalist(dataset, tmp_path / "datalist.json")
+    assert not (tmp_path / "datalist.json").exists()

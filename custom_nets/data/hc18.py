@@ -31,6 +31,7 @@ from PIL import Image
 from scipy import ndimage
 
 from custom_nets.data.atomic_write import atomic_path
+from custom_nets.data.image2d import ImageInputError, check_image_2d
 from custom_nets.data.splits import load_or_create_datalist
 from custom_nets.errors import InputError
 from custom_nets.metrics.head_circumference import fit_ellipse
@@ -209,6 +210,10 @@ def _scan_cases(dataset_dir: Path, labels_dir: Path) -> list[dict[str, Any]]:
             raise HC18DataError(f"{csv_path}: no row for {image_path.name}")
         if row.hc_mm is None:
             raise HC18DataError(f"{csv_path}: no head circumference column (a training-set CSV is needed)")
+        try:  # the same checks as inference: truncated, palette, multi-page, NaN ...
+            check_image_2d(image_path)
+        except ImageInputError as e:
+            raise HC18DataError(str(e)) from None
         image = _read_png(image_path, "image")
         annotation = _read_png(annotation_path, "annotation")
         if image.shape[:2] != annotation.shape[:2]:
