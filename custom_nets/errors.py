@@ -18,7 +18,7 @@ import os
 import sys
 from types import TracebackType
 
-__all__ = ["InputError", "exception_chain", "input_error_in", "install_excepthook"]
+__all__ = ["InputError", "describe_error", "exception_chain", "input_error_in", "install_excepthook"]
 
 # Besides InputError, these mean "a path the user gave is wrong"; their messages name the path.
 _USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -26,6 +26,25 @@ _USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADi
 
 class InputError(ValueError):
     """A file, folder or setting given by the user cannot be used; the message is one line that names it."""
+
+
+def describe_error(error: BaseException, max_length: int = 160) -> str:
+    """
+    ``"Type: what happened"`` in one line, for a reader's or library's exception inside an
+    :class:`InputError` message: the first sentence of the message (torch, pydicom and nibabel add advice
+    after it), joined with the next line when the first one only announces it (``"Error(s) in ...:"``).
+
+    Example::
+
+        describe_error(OSError("image file is truncated (8 bytes not processed)"))
+        # 'OSError: image file is truncated (8 bytes not processed)'
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0].split(". ")[0] if lines else ""
+    if text.endswith(":") and len(lines) > 1:
+        text = f"{text} {lines[1].split('. ')[0]}"
+    text = text if len(text) <= max_length else text[: max_length - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def exception_chain(error: BaseException) -> list[BaseException]:

@@ -84,3 +84,19 @@ def test_atomic_path_keeps_a_double_suffix_for_format_sniffing_writers(tmp_path)
 def test_write_csv_atomic_formats_cells(tmp_path):
     write_csv_atomic(tmp_path / "t.csv", [{"a": 1.23456789, "b": None}, {"a": float("nan"), "c": "x"}])
     assert (tmp_path / "t.csv").read_text() == "a,b,c\n1.23457,,\nnan,,x\n"
+
+
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (OSError("image file is truncated (8 bytes not processed)"), "OSError: image file is truncated (8 bytes not processed)"),
+        (RuntimeError("Weights only load failed. This file can still be loaded. Do it only if you trust it."), "RuntimeError: Weights only load failed"),
+        (RuntimeError("Error(s) in loading state_dict for Net:\n\tsize mismatch for w: shapes differ. Check it."), "RuntimeError: Error(s) in loading state_dict for Net: size mismatch for w: shapes differ"),
+        (ValueError(""), "ValueError"),
+        (ValueError("x" * 300), "ValueError: " + "x" * 157 + "..."),
+    ],
+)
+def test_describe_error_is_one_short_line(error, expected):
+    from custom_nets.errors import describe_error
+
+    assert describe_error(error) == expected

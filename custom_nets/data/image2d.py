@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from custom_nets.errors import InputError
+from custom_nets.errors import InputError, describe_error
 
 __all__ = ["ImageInputError", "PICTURE_SUFFIXES", "check_image_2d"]
 
@@ -39,12 +39,6 @@ class ImageInputError(InputError):
 
 def _fail(path: Path, problem: str) -> ImageInputError:
     return ImageInputError(f"{path}: {problem}".replace("\n", " "))
-
-
-def _reason(e: BaseException) -> str:
-    """``Type: first sentence`` of a reader's error (pydicom and nibabel add advice after the first one)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return f"{type(e).__name__}: {lines[0].split('. ')[0]}" if lines else type(e).__name__
 
 
 def _shape_text(shape) -> str:
@@ -67,7 +61,7 @@ def _check_picture(path: Path) -> None:
             mode = im.mode
             array = np.asarray(im) if mode == "F" else None
     except (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError) as e:
-        raise _fail(path, f"cannot read the image ({_reason(e)})") from None
+        raise _fail(path, f"cannot read the image ({describe_error(e)})") from None
     if frames > 1:
         raise _fail(path, f"{frames} frames or pages in one file; one 2D image per file is expected")
     if mode == "P" or mode == "PA":
@@ -85,7 +79,7 @@ def _check_nifti(path: Path) -> None:
         image = nib.load(os.fspath(path))
         array = np.asanyarray(image.dataobj)  # 2D images are small: read them, a truncated file fails here
     except Exception as e:  # nibabel raises many types for damaged files
-        raise _fail(path, f"cannot read the image ({_reason(e)})") from None
+        raise _fail(path, f"cannot read the image ({describe_error(e)})") from None
     shape = tuple(int(s) for s in image.shape)
     if len(shape) < 2 or math.prod(shape[2:]) > 1:
         kind = "a 3D volume" if len(shape) == 3 else f"{len(shape)}D data"
@@ -102,7 +96,7 @@ def _check_dicom(path: Path) -> None:
         samples = int(ds.get("SamplesPerPixel", 1))
         array = ds.pixel_array  # decodes: truncated or undecodable pixel data fails here
     except Exception as e:  # pydicom raises many types for damaged files
-        raise _fail(path, f"cannot read the DICOM image ({_reason(e)})") from None
+        raise _fail(path, f"cannot read the DICOM image ({describe_error(e)})") from None
     if frames > 1:
         raise _fail(path, f"multi-frame DICOM ({frames} frames); one 2D image per file is expected")
     if samples not in (1, 3) or array.ndim != (2 if samples == 1 else 3):

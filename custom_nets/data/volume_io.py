@@ -36,7 +36,7 @@ from monai.data import ITKReader, MetaTensor, NibabelReader
 from monai.transforms import LoadImage, MapTransform
 
 from custom_nets.data.atomic_write import atomic_path
-from custom_nets.errors import InputError
+from custom_nets.errors import InputError, describe_error
 
 __all__ = [
     "VolumeInputError",
@@ -199,7 +199,7 @@ def dicom_series_files(folder: str | os.PathLike, spacing_tolerance: float = 0.0
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
         except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as e:
             if path.suffix.lower() in _DICOM_FILE_SUFFIXES or _starts_like_dicom(path):
-                reason = "no DICOM header" if isinstance(e, InvalidDicomError) else _one_line(e)
+                reason = "no DICOM header" if isinstance(e, InvalidDicomError) else describe_error(e)
                 raise _fail(case, f"corrupt DICOM file {path.name} ({reason})") from None
             continue  # not DICOM: a stray file, not part of a series
         if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "Rows" not in ds:
@@ -358,7 +358,7 @@ def volume_grid(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray | 
     except VolumeInputError:
         raise
     except Exception as e:  # nibabel/ITK raise many types for damaged headers
-        raise _fail(case, f"cannot read the header of {path.name}: {_one_line(e)}") from None
+        raise _fail(case, f"cannot read the header of {path.name}: {describe_error(e)}") from None
     if len(shape) < 3:
         raise _fail(case, f"{path.name} is a 2D image ({'x'.join(map(str, shape))}); this bundle segments 3D volumes")
     extra = int(np.prod(shape[3:])) * components
@@ -438,11 +438,6 @@ def check_volume_input(path: str | os.PathLike) -> str:
     return fmt
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".strip()
-
-
 class _Float32NibabelReader(NibabelReader):
     """``NibabelReader`` that applies NIfTI scaling (scl_slope/inter) in float32, not nibabel's float64."""
 
@@ -506,7 +501,7 @@ def read_volume(path: str | os.PathLike | Sequence[str | os.PathLike], case: str
         short = _short_dicom_slices(dicom_series_files(paths[0])) if formats[0] == "dicom" else []
         if short:
             raise _fail(case, f"truncated DICOM slice(s) {', '.join(short)} (pixel data shorter than the header says)") from None
-        raise _fail(case, f"cannot read {paths[0].name}: {_one_line(e)}") from None
+        raise _fail(case, f"cannot read {paths[0].name}: {describe_error(e)}") from None
     if image.dtype != torch.float32:
         image = image.float()
     if image.ndim != 4 or image.shape[0] != len(paths):

@@ -14,7 +14,7 @@ import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from custom_nets.data.atomic_write import atomic_path
-from custom_nets.errors import InputError
+from custom_nets.errors import InputError, describe_error
 from custom_nets.networks.utils import load_checkpoint
 from custom_nets.tracking.params import find_attached
 
@@ -220,8 +220,7 @@ class TrainingCheckpoint:
             for key, obj in self.save_dict.items():
                 _unwrap(obj).load_state_dict(content[key])
         except (RuntimeError, ValueError, KeyError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise InputError(f"{path}: does not fit this run's {key} ({first_line})") from None
+            raise InputError(f"{path}: does not fit this run's {key} ({describe_error(e)})") from None
         engine.load_state_dict(saved)
         self._restore_best(content.get(_BEST))
         self.logger.info(

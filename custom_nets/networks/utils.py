@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from custom_nets.errors import InputError
+from custom_nets.errors import InputError, describe_error
 
 __all__ = ["CheckpointNotFoundError", "check_input", "load_checkpoint", "load_pretrained_encoder"]
 
@@ -53,13 +53,6 @@ class CheckpointNotFoundError(InputError, FileNotFoundError):
 _REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 _UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error:\s*(.+)")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0].split(". ")[0] if lines else ""  # torch's first sentence says what; the rest is advice
-    text = text if len(text) <= 160 else text[:157] + "..."
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def load_checkpoint(
@@ -117,11 +110,11 @@ def load_checkpoint(
                 "or re-save it as a dict of tensors"
             ) from e
         detail = _UNPICKLER_DETAIL.search(str(e))
-        reason = f"the weights-only unpickler stopped at: {detail.group(1).strip()}" if detail else _first_line(e)
+        reason = f"the weights-only unpickler stopped at: {detail.group(1).strip()}" if detail else describe_error(e)
         raise InputError(f"{prefix}: not a PyTorch checkpoint ({reason})") from e
     except Exception as e:  # torch raises RuntimeError, OSError, EOFError, KeyError... for damaged files
         problem = "truncated or corrupt" if head == _ZIP_MAGIC else "not a PyTorch checkpoint"
-        raise InputError(f"{prefix}: {problem} ({_first_line(e)})") from e
+        raise InputError(f"{prefix}: {problem} ({describe_error(e)})") from e
     if not isinstance(content, dict):
         raise InputError(f"{prefix}: holds a {type(content).__name__}, not a dict (a state dict or a checkpoint)")
     return content
