@@ -195,7 +195,7 @@ def test_multi_gpu_config_with_two_gloo_processes(tmp_path):
     assert last["model"].keys() == state.keys() and last["trainer"]["iteration"] == last["trainer"]["epoch_length"]
     # every rank restores the same file (here the run is complete already, so nothing is trained)
     resumed = bundle_cli(*train, "--resume", "true", cwd=tmp_path, command=("-m", "torch.distributed.run"))
-    assert "resume: continuing from epoch 1" in resumed.stdout
+    assert f"resume: continuing from iteration {last['trainer']['epoch_length']} (1 of 1 epochs complete)" in resumed.stdout
 
 
 def test_wrong_dataset_dir_is_a_one_line_error(tmp_path):

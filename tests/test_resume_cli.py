@@ -77,7 +77,7 @@ def test_a_run_killed_mid_epoch_resumes_and_finishes_in_the_same_mlflow_run(data
     assert saved["iteration"] == iterations_per_epoch  # epoch 1 complete; epoch 2 was lost with the kill
 
     resumed = _train(dataset, root, "--tracking", "mlflow", "--resume", "true")
-    assert f"resume: continuing from epoch 1 (iteration {iterations_per_epoch}) of {EPOCHS}" in resumed.stdout
+    assert f"resume: continuing from iteration {iterations_per_epoch} (1 of {EPOCHS} epochs complete)" in resumed.stdout
     assert f"Epoch: 1/{EPOCHS}" not in resumed.stdout  # epoch 1 was not trained again
     final = _checkpoint(root)
     assert final["trainer"]["iteration"] == EPOCHS * iterations_per_epoch

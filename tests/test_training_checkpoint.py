@@ -106,6 +106,16 @@ def test_resume_after_a_crash_mid_epoch_loses_nothing_already_trained(tmp_path):
     assert trainer.state.iterations_run == MAX_EPOCHS * BATCHES - crash_at
 
 
+def test_an_iteration_cut_short_is_trained_again(tmp_path):
+    crash_in = 2 * BATCHES + 2  # Ignite has counted it, the optimizer step may not have happened
+    with pytest.raises(Stop):
+        _run(tmp_path, stop=(Events.ITERATION_STARTED(once=crash_in), _raise))
+    saved = torch.load(tmp_path / "models" / "last_checkpoint.pt", weights_only=True)
+    assert saved["trainer"]["iteration"] == crash_in - 1
+    trainer, *_ = _run(tmp_path, resume=True)
+    assert trainer.state.iterations_run == MAX_EPOCHS * BATCHES - (crash_in - 1)
+
+
 def test_sigterm_saves_the_state_and_stops(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit, match="SIGTERM"):

@@ -124,6 +124,7 @@ class TrainingCheckpoint:
         self.logger = logging.getLogger(name)
         self._previous_sigterm: Any = None
         self._handled_error: BaseException | None = None
+        self._iteration_open = False  # an exception inside an iteration: that iteration is not done
 
     def attach(self, engine: Engine) -> None:
         """
@@ -134,6 +135,8 @@ class TrainingCheckpoint:
             self.logger = engine.logger
         if not engine.has_event_handler(self.started, Events.STARTED):
             engine.add_event_handler(Events.STARTED, self.started)
+            engine.add_event_handler(Events.ITERATION_STARTED, self._iteration_opened)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_closed)
             engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
             engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
             engine.add_event_handler(Events.COMPLETED, self.completed)
@@ -148,6 +151,12 @@ class TrainingCheckpoint:
         if self.resume:
             self.restore(engine)
         self._catch_sigterm()
+
+    def _iteration_opened(self, engine: Engine) -> None:
+        self._iteration_open = True
+
+    def _iteration_closed(self, engine: Engine) -> None:
+        self._iteration_open = False
 
     def epoch_completed(self, engine: Engine) -> None:
         self.save(engine)
@@ -175,7 +184,9 @@ class TrainingCheckpoint:
     def checkpoint(self, engine: Engine) -> dict[str, Any]:
         """What :meth:`save` writes: plain tensors, numbers and strings only, so ``weights_only`` loads it."""
         content: dict[str, Any] = {key: _unwrap(obj).state_dict() for key, obj in self.save_dict.items()}
-        content["trainer"] = engine.state_dict()
+        content["trainer"] = dict(engine.state_dict())
+        if self._iteration_open:  # Ignite counts an iteration when it starts: one cut short is trained again
+            content["trainer"]["iteration"] -= 1
         best = self._best_model_saver()
         state = getattr(self.validator, "state", None)
         if state is not None:
@@ -224,8 +235,8 @@ class TrainingCheckpoint:
         engine.load_state_dict(saved)
         self._restore_best(content.get(_BEST))
         self.logger.info(
-            f"resume: continuing from epoch {engine.state.epoch} (iteration {engine.state.iteration}) of "
-            f"{engine.state.max_epochs}, from {path}"
+            f"resume: continuing from iteration {engine.state.iteration} ({engine.state.epoch} of "
+            f"{engine.state.max_epochs} epochs complete), from {path}"
         )
 
     def _restore_best(self, best: Mapping[str, Any] | None) -> None:
