@@ -100,3 +100,19 @@ def test_describe_error_is_one_short_line(error, expected):
     from custom_nets.errors import describe_error
 
     assert describe_error(error) == expected
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_path_gives_the_mode_a_plain_open_gives(tmp_path, umask):
+    """Not mkstemp's private 0600: a mask written for a clinician stays readable by the group."""
+    import os
+
+    previous = os.umask(umask)
+    try:
+        (tmp_path / "plain.txt").write_text("x")
+        with atomic_path(tmp_path / "atomic.txt") as tmp:
+            tmp.write_text("x")
+    finally:
+        os.umask(previous)
+    plain, atomic = ((tmp_path / name).stat().st_mode & 0o777 for name in ("plain.txt", "atomic.txt"))
+    assert atomic == plain == 0o666 & ~umask

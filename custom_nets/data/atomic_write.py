@@ -16,6 +16,13 @@ from typing import Any
 __all__ = ["atomic_path", "write_csv_atomic", "write_json_atomic", "write_text_atomic"]
 
 
+def _umask() -> int:
+    """The process umask (``os.umask`` can only be read by setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """
@@ -43,6 +50,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes the file private (0600); give it the mode a plain open() would, so that colleagues
+        # in the group can read masks and tables as before
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
