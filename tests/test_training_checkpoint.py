@@ -116,6 +116,14 @@ def test_an_iteration_cut_short_is_trained_again(tmp_path):
     assert trainer.state.iterations_run == MAX_EPOCHS * BATCHES - (crash_in - 1)
 
 
+def test_a_crash_in_the_last_iteration_of_an_epoch_keeps_the_iterations_before_it(tmp_path):
+    crash_in = 2 * BATCHES
+    with pytest.raises(Stop):
+        _run(tmp_path, stop=(Events.ITERATION_STARTED(once=crash_in), _raise))
+    saved = torch.load(tmp_path / "models" / "last_checkpoint.pt", weights_only=True)
+    assert saved["trainer"]["iteration"] == crash_in - 1
+
+
 def test_sigterm_saves_the_state_and_stops(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit, match="SIGTERM"):

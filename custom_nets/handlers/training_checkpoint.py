@@ -152,6 +152,10 @@ class TrainingCheckpoint:
             self.restore(engine)
         self._catch_sigterm()
 
+    def _iterations_done(self, engine: Engine) -> int:
+        """Ignite counts an iteration when it starts: one cut short by an exception is not done (trained again)."""
+        return engine.state.iteration - (1 if self._iteration_open else 0)
+
     def _iteration_opened(self, engine: Engine) -> None:
         self._iteration_open = True
 
@@ -168,7 +172,7 @@ class TrainingCheckpoint:
             raise error
         self._handled_error = error
         epoch_length = engine.state.epoch_length
-        if epoch_length and engine.state.iteration % epoch_length != 0:
+        if epoch_length and self._iterations_done(engine) % epoch_length != 0:
             self.save(engine)
             self.logger.warning(
                 f"training stopped in epoch {engine.state.epoch} ({type(error).__name__}); state saved to "
@@ -184,9 +188,7 @@ class TrainingCheckpoint:
     def checkpoint(self, engine: Engine) -> dict[str, Any]:
         """What :meth:`save` writes: plain tensors, numbers and strings only, so ``weights_only`` loads it."""
         content: dict[str, Any] = {key: _unwrap(obj).state_dict() for key, obj in self.save_dict.items()}
-        content["trainer"] = dict(engine.state_dict())
-        if self._iteration_open:  # Ignite counts an iteration when it starts: one cut short is trained again
-            content["trainer"]["iteration"] -= 1
+        content["trainer"] = {**engine.state_dict(), "iteration": self._iterations_done(engine)}
         best = self._best_model_saver()
         state = getattr(self.validator, "state", None)
         if state is not None:
