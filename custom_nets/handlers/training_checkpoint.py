@@ -19,6 +19,7 @@ from custom_nets.networks.utils import load_checkpoint
 from custom_nets.tracking.params import find_attached
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
 if TYPE_CHECKING:
     from ignite.engine import Engine
 else:
@@ -36,10 +37,6 @@ _RUN_NAME = "run_name"
 def _unwrap(obj: Any) -> Any:
     """The network inside DistributedDataParallel / DataParallel, so checkpoints load either way."""
     return obj.module if isinstance(obj, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)) else obj
-
-
-def _is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
 
 
 def saved_run_name(checkpoint_file: str | os.PathLike) -> str | None:
@@ -203,7 +200,7 @@ class TrainingCheckpoint:
 
     def save(self, engine: Engine) -> None:
         """Write the checkpoint atomically (rank 0 only)."""
-        if not _is_main_process():
+        if idist.get_rank() > 0:
             return
         content = self.checkpoint(engine)
         with atomic_path(self.checkpoint_file) as tmp:
@@ -261,7 +258,7 @@ class TrainingCheckpoint:
 
     def _remove_partial_writes(self) -> None:
         """Delete temporary files a kill during :meth:`save` left beside the checkpoint."""
-        if _is_main_process() and self.checkpoint_file.parent.is_dir():
+        if idist.get_rank() == 0 and self.checkpoint_file.parent.is_dir():
             for leftover in self.checkpoint_file.parent.glob(f".{self.checkpoint_file.name}.*.tmp*"):
                 leftover.unlink(missing_ok=True)
 

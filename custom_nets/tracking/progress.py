@@ -12,6 +12,7 @@ import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
 if TYPE_CHECKING:
     from ignite.engine import Engine
 else:
@@ -103,7 +104,7 @@ class ProgressLogger:
         in_epoch = (state.iteration - 1) % epoch_length + 1 if epoch_length else state.iteration
         if in_epoch % self.interval and in_epoch != epoch_length:
             return
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+        if idist.get_rank() > 0:
             return
         self.logger.info(self.progress_line(engine, in_epoch))
 
