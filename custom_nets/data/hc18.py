@@ -210,16 +210,17 @@ def _scan_cases(dataset_dir: Path, labels_dir: Path) -> list[dict[str, Any]]:
             raise HC18DataError(f"{csv_path}: no row for {image_path.name}")
         if row.hc_mm is None:
             raise HC18DataError(f"{csv_path}: no head circumference column (a training-set CSV is needed)")
-        try:  # the same checks as inference: truncated, palette, multi-page, NaN ...
+        try:  # the same checks as inference (truncated, palette, multi-page, NaN ...); it decodes the image
             check_image_2d(image_path)
         except ImageInputError as e:
             raise HC18DataError(str(e)) from None
-        image = _read_png(image_path, "image")
+        with Image.open(image_path) as im:  # header only: the decode above succeeded
+            width, height = im.size
         annotation = _read_png(annotation_path, "annotation")
-        if image.shape[:2] != annotation.shape[:2]:
+        if (height, width) != annotation.shape[:2]:
             raise HC18DataError(
                 f"{annotation_path}: size {annotation.shape[1]}x{annotation.shape[0]} differs from its image "
-                f"{image_path.name} ({image.shape[1]}x{image.shape[0]})"
+                f"{image_path.name} ({width}x{height})"
             )
         try:
             mask, kind = fill_annotation(annotation)

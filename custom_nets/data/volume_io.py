@@ -380,9 +380,10 @@ def check_same_grid(
     paths: Sequence[str | os.PathLike], case: str | None = None, tolerance: float = GRID_AFFINE_TOLERANCE
 ) -> None:
     """
-    Check from headers that volumes which must overlay voxel for voxel (the MRI sequences of a case, its
-    label, its brain mask) share one shape and one affine: no entry of two affines (voxel -> world, mm)
-    differs by more than ``tolerance``. DICOM series are compared by shape only.
+    Check from headers, reading each once, that every path is one 3D volume (:func:`volume_grid`) and
+    that volumes which must overlay voxel for voxel (the MRI sequences of a case, its label, its brain
+    mask) share one shape and one affine: no entry of two affines (voxel -> world, mm) differs by more
+    than ``tolerance``. DICOM series are compared by shape only.
 
     Args:
         paths: the volumes; the first is the reference.
@@ -390,14 +391,15 @@ def check_same_grid(
         tolerance: largest accepted difference of affine entries.
 
     Raises:
-        VolumeInputError: one line naming the case, the two files and how they differ.
+        VolumeInputError: one line naming the case and the file: a volume :func:`volume_grid` refuses,
+            or two files and how they differ.
 
     Example::
 
         check_same_grid(["p1/flair.nii.gz", "p1/t1ce.nii.gz", "p1/seg.nii.gz"], case="p1")
     """
     paths = [Path(p) for p in paths]
-    if len(paths) < 2:
+    if not paths:
         return
     case = case or case_name(paths[0])
     grids = []
@@ -488,12 +490,12 @@ def read_volume(path: str | os.PathLike | Sequence[str | os.PathLike], case: str
     formats = []
     for p in paths:
         try:
-            formats.append(check_volume_input(p))
+            formats.append(volume_format(p))
         except VolumeInputError as e:
             raise _for_case(case, p, e) from None
     if len(set(formats)) > 1:
         raise _fail(case, f"channels in different formats ({', '.join(formats)}); convert them to one format")
-    check_same_grid(paths, case)
+    check_same_grid(paths, case)  # every header once: what check_volume_input checks, plus one voxel grid
     loader = LoadImage(reader=_reader_for(formats[0]), image_only=True, dtype=np.float32, ensure_channel_first=True)
     try:
         image = loader([os.fspath(p) for p in paths] if len(paths) > 1 else os.fspath(paths[0]))
