@@ -3,8 +3,10 @@ Command line of :mod:`custom_nets.deploy`::
 
     python -m custom_nets.deploy handoff BUNDLE_DIR OUTPUT_DIR [--extra_configs "['configs/layout.json']"]
     python -m custom_nets.deploy onnx_parity BUNDLE_DIR [--onnx_file models/model.onnx]
+    python -m custom_nets.deploy quantize BUNDLE_DIR --calibration_dir IMAGES [--num_inputs 32]
 
-``handoff`` prints the hand-off folder; ``onnx_parity`` prints the largest logit difference and the
+``handoff`` prints the hand-off folder; ``quantize`` writes ``models/model_int8.onnx`` (the fast CPU
+path, :mod:`custom_nets.deploy.quantize`) and prints its agreement with fp32; ``onnx_parity`` prints the largest logit difference and the
 arg-max agreement and exits non-zero when they miss ``--atol`` / ``--min_agreement``. Errors are one line.
 """
 
@@ -16,6 +18,7 @@ import fire
 
 from custom_nets.deploy.handoff import HandoffError, export_handoff
 from custom_nets.deploy.onnx_runtime import onnx_parity
+from custom_nets.errors import InputError
 
 
 def handoff(bundle_dir: str, output_dir: str, extra_configs: tuple[str, ...] | str = ()) -> str:
@@ -33,10 +36,23 @@ def parity(bundle_dir: str, onnx_file: str = "models/model.onnx", atol: float = 
     return result
 
 
+def quantize(bundle_dir: str, calibration_dir: str, output: str = "models/model_int8.onnx",
+             ckpt_file: str = "models/model.pt", extra_configs: tuple[str, ...] | str = (), num_inputs: int = 32) -> dict:  # fmt: skip
+    """INT8 QDQ ONNX model of ``bundle_dir`` calibrated on ``num_inputs`` inputs from ``calibration_dir``."""
+    import logging
+
+    from custom_nets.deploy.quantize import quantize_bundle
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("custom_nets").setLevel(logging.INFO)  # ours; the exporters' INFO lines are noise here
+    extra = (extra_configs,) if isinstance(extra_configs, str) else tuple(extra_configs)
+    return quantize_bundle(bundle_dir, calibration_dir, output, ckpt_file, extra_configs=extra, num_inputs=num_inputs)
+
+
 def main() -> None:
     try:
-        fire.Fire({"handoff": handoff, "onnx_parity": parity})
-    except (HandoffError, FileNotFoundError, ImportError) as e:
+        fire.Fire({"handoff": handoff, "onnx_parity": parity, "quantize": quantize})
+    except (HandoffError, InputError, FileNotFoundError, ImportError) as e:
         sys.exit(f"error: {e}")
 
 
