@@ -99,7 +99,7 @@ def _text_with_image_name(folder: Path) -> Path:
 @pytest.mark.parametrize(
     "make, phrase",
     [
-        (_truncated_png, "cannot read the image (OSError: image file is truncated"),
+        (_truncated_png, "cannot read the image (OSError: Truncated File Read"),
         (_corrupt_png, "cannot read the image (UnidentifiedImageError"),
         (_text_with_image_name, "cannot read the image"),
         (_corrupt_dicom_2d, "cannot read the DICOM image"),

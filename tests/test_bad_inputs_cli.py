@@ -105,7 +105,7 @@ def test_fetal_head_batch_with_bad_images(root, hc18_model):
     _check_batch(
         result, outputs, "head_circumference.csv",
         expected={
-            "truncated.png": "cannot read the image (OSError: image file is truncated",
+            "truncated.png": "cannot read the image (OSError: Truncated File Read",
             "not_an_image.png": "cannot read the image (UnidentifiedImageError",
             "ct_volume.nii.gz": "is a 3D volume of shape 24x24x6; this bundle segments 2D images",
             "palette.png": "palette (indexed-colour) image",

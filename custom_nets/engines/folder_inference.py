@@ -16,8 +16,11 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -128,6 +131,11 @@ def one_line_error(error: BaseException) -> str:
     return message if len(message) <= 300 else message[:297] + "..."
 
 
+def _stage_name(output: Callable) -> str:
+    """A case output's name in the time profile: its class (``MaskWriter``) or function name."""
+    return getattr(output, "__name__", None) or type(output).__name__
+
+
 def _naming(path: str, reason: str) -> str:
     """``reason`` as a line that names the input by its full path (unless it already starts with it)."""
     return reason if reason.startswith(path) else f"{path}: {reason}"
@@ -172,8 +180,12 @@ class FolderInference:
         input_check: callable ``path -> None`` that raises an :class:`InputError` for an unusable input.
         empty_mask_for_constant_input: write an empty mask for a constant input instead of the network's
             answer (label 0 must be background, as in every bundle of this project).
+        prefetch: read and pre-process up to this many inputs ahead in one thread, and run the case outputs
+            (measurements, writers) in another, while the network runs; 0 runs each case start to end.
 
-    Returns from :meth:`run` the rows of the results table.
+    Returns from :meth:`run` the rows of the results table. At the end of a run the time per image of
+    each stage (``check``, ``preprocess``, ``network``, ``postprocess``, each case output by class name)
+    and the throughput in images/s are logged and kept in :attr:`profile`.
 
     Example (the ``run`` section of an ``inference.json``)::
 
@@ -204,6 +216,7 @@ class FolderInference:
         output_dir: str | os.PathLike | None = None,
         input_check: Callable[[str], Any] | None = None,
         empty_mask_for_constant_input: bool = True,
+        prefetch: int = 2,
     ) -> None:
         self.inputs = [dict(i) if isinstance(i, Mapping) else {image_key: os.fspath(i)} for i in inputs]
         self.network = network
@@ -223,44 +236,120 @@ class FolderInference:
         self.output_dir = output_dir
         self.input_check = input_check
         self.empty_mask_for_constant_input = empty_mask_for_constant_input
+        self.prefetch = int(prefetch)
+        self.stage_seconds: dict[str, float] = {}
+        self.profile: dict[str, float] = {}
+        self._timing_lock = threading.Lock()
 
-    def _infer_one(self, item: dict[str, Any]) -> dict[str, Any]:
+    def _timed(self, stage: str, fn: Callable, *args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            with self._timing_lock:
+                self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def _load(self, item: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Check and pre-process one input (runs ahead of the network in the prefetch thread)."""
         if self.input_check is not None:
-            self.input_check(str(item[self.image_key]))
-        case = self.preprocessing(dict(item))
-        image = case[self.image_key]
-        low, high = torch.aminmax(torch.as_tensor(image))
-        constant = self.empty_mask_for_constant_input and bool(low == high)
+            self._timed("check", self.input_check, str(item[self.image_key]))
+        case = self._timed("preprocess", self.preprocessing, dict(item))
+        low, high = torch.aminmax(torch.as_tensor(case[self.image_key]))
+        return case, self.empty_mask_for_constant_input and bool(low == high)
+
+    def _forward(self, image: torch.Tensor) -> torch.Tensor:
         autocast = torch.autocast("cuda") if self.amp else nullcontext()
         # a plain tensor through the network: MetaTensor bookkeeping on every layer costs more than the
         # network itself on small inputs; the prediction gets the image's metadata back for Invertd
         with torch.no_grad(), autocast:
-            pred = self.inferer(torch.as_tensor(image)[None].to(self.device), self.network)[0].float().cpu()
+            return self.inferer(image.as_subclass(torch.Tensor)[None].to(self.device), self.network)[0].float().cpu()
+
+    def _predict(self, item: dict[str, Any], case: dict[str, Any], constant: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Network and post-processing of one pre-processed case."""
+        image = case[self.image_key]
+        pred = self._timed("network", self._forward, torch.as_tensor(image))
         meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
         case[self.pred_key] = MetaTensor(pred, meta=meta) if meta else pred
         if self.postprocessing is not None:
-            case = self.postprocessing(case)
+            case = self._timed("postprocess", self.postprocessing, case)
         columns: dict[str, Any] = {}
         if constant:
             case[self.pred_key] = case[self.pred_key].clone().zero_()
             columns["note"] = "constant image: empty mask"
             self.logger.warning(f"{item[self.image_key]}: constant image after pre-processing, nothing to segment: empty mask")
+        return case, columns
+
+    def _outputs(self, case: dict[str, Any], columns: dict[str, Any]) -> dict[str, Any]:
+        """The case outputs (measurements, writers) in order (runs in the output thread)."""
         for output in self.case_outputs:
-            columns.update(output(case) or {})
+            columns.update(self._timed(_stage_name(output), output, case) or {})
         return columns
+
+    def _infer_one(self, item: dict[str, Any]) -> dict[str, Any]:
+        """One case, start to end, in the calling thread."""
+        case, columns = self._predict(item, *self._load(item))
+        return self._outputs(case, columns)
+
+    def _cases(self) -> Iterator[tuple[int, dict[str, Any], Future]]:
+        """
+        ``(index, item, future of the result columns)`` in input order. With ``prefetch``, the next inputs
+        are read and pre-processed in one thread and the outputs written in another while the network runs;
+        at most ``prefetch`` cases wait on either side, which bounds the memory held.
+        """
+        if self.prefetch <= 0:
+            for index, item in enumerate(self.inputs, start=1):
+                future: Future = Future()
+                try:
+                    future.set_result(self._infer_one(item))
+                except Exception as e:
+                    future.set_exception(e)
+                yield index, item, future
+            return
+        with ThreadPoolExecutor(1, "prefetch") as loader, ThreadPoolExecutor(1, "outputs") as writer:
+            loads: deque[Future] = deque(loader.submit(self._load, i) for i in self.inputs[: self.prefetch])
+            written: deque[tuple[int, dict[str, Any], Future]] = deque()
+            for index, item in enumerate(self.inputs, start=1):
+                load = loads.popleft()
+                if index + self.prefetch <= len(self.inputs):
+                    loads.append(loader.submit(self._load, self.inputs[index + self.prefetch - 1]))
+                try:
+                    case, columns = self._predict(item, *load.result())
+                    future = writer.submit(self._outputs, case, columns)
+                except Exception as e:
+                    future = Future()
+                    future.set_exception(e)
+                written.append((index, item, future))
+                while written and (written[0][2].done() or len(written) > self.prefetch):
+                    yield written.popleft()
+            yield from written
+
+    def _log_profile(self, elapsed: float, count: int) -> None:
+        """Per-stage time per image and the throughput, at the end of a run."""
+        if count == 0:
+            return
+        self.profile = {
+            **{f"{stage}_ms": 1000.0 * seconds / count for stage, seconds in self.stage_seconds.items()},
+            "wall_ms": 1000.0 * elapsed / count,
+            "images_per_second": count / elapsed if elapsed > 0 else float("inf"),
+        }
+        stages = ", ".join(f"{stage} {1000.0 * seconds / count:.1f}" for stage, seconds in self.stage_seconds.items())
+        overlap = " (stages overlap: prefetch and output threads)" if self.prefetch > 0 else ""
+        self.logger.info(f"time per image in ms: {stages}{overlap}")
+        self.logger.info(f"throughput: {self.profile['images_per_second']:.2f} images/s ({self.profile['wall_ms']:.1f} ms per image, wall)")
 
     def run(self) -> list[dict[str, Any]]:
         """Infer every input; write the results table; exit with ``exit_code_on_failure`` when a case failed."""
         if self.output_dir is not None:
             check_output_dir(self.output_dir)
         self.network.eval()
+        self.stage_seconds = {}
         rows: list[dict[str, Any]] = []
         failures: list[tuple[str, str]] = []
         start = time.perf_counter()
-        for index, item in enumerate(self.inputs, start=1):
+        for index, item, future in self._cases():
             path = str(item.get(self.image_key))
             try:
-                columns = self._infer_one(item)
+                columns = future.result()
             except Exception as e:  # one broken case must not stop the batch
                 reason = one_line_error(e)
                 failures.append((path, reason))
@@ -269,12 +358,13 @@ class FolderInference:
                 continue
             rows.append({"image": os.path.basename(path), "status": "ok", **columns})
             self.logger.info(f"[{index}/{len(self.inputs)}] {os.path.basename(path)}: ok")
+        elapsed = time.perf_counter() - start
         if self.results_csv is not None:
             write_csv_atomic(self.results_csv, rows)
             self.logger.info(f"results table: {self.results_csv}")
-        elapsed = time.perf_counter() - start
         done = len(rows) - len(failures)
         self.logger.info(f"{done} of {len(rows)} image(s) processed in {elapsed:.1f} s")
+        self._log_profile(elapsed, len(rows))
         if failures:
             self.logger.error(f"{len(failures)} image(s) failed:")
             for path, reason in failures:
