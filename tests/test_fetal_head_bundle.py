@@ -168,6 +168,53 @@ def test_export_torchscript_matches_eager(trained):
         np.testing.assert_allclose(scripted(image[None]).numpy(), eager(image[None].as_tensor()).numpy(), atol=1e-4)
 
 
+def _masks(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) > 0 for p in sorted(folder.glob("*_mask.png"))}
+
+
+def test_int8_export_and_inference_paths(trained):
+    """quantize -> --precision int8 and auto use it, fp32 on request; a model.pt changed since is not paired with it."""
+    if trained.kind != "real":
+        pytest.skip("the INT8 path is checked on the real HC18 images (one export is enough)")
+    bundle = trained.root / "int8_bundle"
+    shutil.copytree(BUNDLE / "configs", bundle / "configs")
+    (bundle / "models").mkdir()
+    shutil.copy(trained.ckpt, bundle / "models" / "model.pt")
+    calibration = trained.dataset / IMAGE_FOLDER
+    result = bundle_cli(
+        "quantize", str(bundle), "--calibration_dir", str(calibration), "--num_inputs", "4", "--image_size", "64",
+        cwd=trained.root, command=("-m", "custom_nets.deploy"),
+    )  # fmt: skip
+    assert (bundle / "models" / "model_int8.onnx").is_file() and "foreground_dice_mean" in result.stdout
+    inputs = trained.root / "int8_in"
+    inputs.mkdir()
+    for item in _datalist(trained)["test"]:
+        shutil.copy(item["image"], inputs)
+
+    def infer(precision: str, out: str, check: bool = True) -> subprocess.CompletedProcess:
+        return bundle_cli(
+            "run", "inference", "--config_file", "configs/inference.json", "--input_dir", str(inputs),
+            "--output_dir", str(trained.root / out), "--image_size", "64", "--precision", precision, cwd=bundle, check=check,
+        )  # fmt: skip
+
+    auto = infer("auto", "out_auto")
+    assert "inference path: int8 (ONNX Runtime, INT8 QDQ): INT8 model" in auto.stdout + auto.stderr
+    assert "images/s" in auto.stdout + auto.stderr and "network" in auto.stdout + auto.stderr
+    infer("fp32", "out_fp32")
+    int8_masks, fp32_masks = _masks(trained.root / "out_auto"), _masks(trained.root / "out_fp32")
+    assert int8_masks.keys() == fp32_masks.keys() and len(int8_masks) == len(_datalist(trained)["test"])
+    for name, mask in int8_masks.items():
+        assert mask.shape == fp32_masks[name].shape
+
+    # retrained since the INT8 export: auto falls back and says why, an explicit int8 is refused in one line
+    state = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, bundle / "models" / "model.pt")
+    fallback = infer("auto", "out_fallback")
+    assert "(retrained since?)" in fallback.stdout + fallback.stderr and "inference path: int8" not in fallback.stdout + fallback.stderr
+    refused = infer("int8", "out_refused", check=False)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].startswith("ERROR: precision int8 cannot run here: ")
+
+
 def test_verify_metadata_offline():
     result = bundle_cli("verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", str(SCHEMA), cwd=BUNDLE)
     assert "metadata is verified with no error" in result.stdout + result.stderr

@@ -3,7 +3,7 @@ Command line of :mod:`custom_nets.deploy`::
 
     python -m custom_nets.deploy handoff BUNDLE_DIR OUTPUT_DIR [--extra_configs "['configs/layout.json']"]
     python -m custom_nets.deploy onnx_parity BUNDLE_DIR [--onnx_file models/model.onnx]
-    python -m custom_nets.deploy quantize BUNDLE_DIR --calibration_dir IMAGES [--num_inputs 32]
+    python -m custom_nets.deploy quantize BUNDLE_DIR --calibration_dir IMAGES [--num_inputs 32] [--image_size 256]
 
 ``handoff`` prints the hand-off folder; ``quantize`` writes ``models/model_int8.onnx`` (the fast CPU
 path, :mod:`custom_nets.deploy.quantize`) and prints its agreement with fp32; ``onnx_parity`` prints the largest logit difference and the
@@ -37,8 +37,12 @@ def parity(bundle_dir: str, onnx_file: str = "models/model.onnx", atol: float = 
 
 
 def quantize(bundle_dir: str, calibration_dir: str, output: str = "models/model_int8.onnx",
-             ckpt_file: str = "models/model.pt", extra_configs: tuple[str, ...] | str = (), num_inputs: int = 32) -> dict:  # fmt: skip
-    """INT8 QDQ ONNX model of ``bundle_dir`` calibrated on ``num_inputs`` inputs from ``calibration_dir``."""
+             ckpt_file: str = "models/model.pt", extra_configs: tuple[str, ...] | str = (), num_inputs: int = 32,
+             **overrides) -> dict:  # fmt: skip
+    """
+    INT8 QDQ ONNX model of ``bundle_dir`` calibrated on ``num_inputs`` inputs from ``calibration_dir``;
+    other ``--key value`` pairs override the inference config as on the bundle command line (``--image_size 384``).
+    """
     import logging
 
     from custom_nets.deploy.quantize import quantize_bundle
@@ -46,7 +50,9 @@ def quantize(bundle_dir: str, calibration_dir: str, output: str = "models/model_
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("custom_nets").setLevel(logging.INFO)  # ours; the exporters' INFO lines are noise here
     extra = (extra_configs,) if isinstance(extra_configs, str) else tuple(extra_configs)
-    return quantize_bundle(bundle_dir, calibration_dir, output, ckpt_file, extra_configs=extra, num_inputs=num_inputs)
+    return quantize_bundle(
+        bundle_dir, calibration_dir, output, ckpt_file, extra_configs=extra, num_inputs=num_inputs, overrides=overrides
+    )
 
 
 def main() -> None:

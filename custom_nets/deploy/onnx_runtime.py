@@ -61,6 +61,7 @@ class OnnxRuntimeForward:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
+        self.path = path
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.input_shape = list(self.session.get_inputs()[0].shape)

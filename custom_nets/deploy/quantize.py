@@ -75,7 +75,8 @@ def calibration_inputs(parser: ConfigParser, network: torch.nn.Module, num_input
             x = x.as_subclass(torch.Tensor).detach().float()
             seen.extend(x.split(1))
             with torch.no_grad():  # the inferer needs an output of the right shape; one sample's is enough
-                return network(x[:1]).expand(x.shape[0], -1, *([-1] * (x.ndim - 2)))
+                # copied, not a view: SliceInferer's sliding window writes into the output in place
+                return network(x[:1]).expand(x.shape[0], -1, *([-1] * (x.ndim - 2))).contiguous()
 
         try:
             image = preprocessing(item)["image"]
@@ -95,6 +96,9 @@ def export_onnx(network: torch.nn.Module, example: torch.Tensor, path: str | os.
     """Export ``network`` (eval, CPU) to ONNX at ``path`` with MONAI's exporter, batch size dynamic."""
     from monai.networks.utils import convert_to_onnx
 
+    # torch.export specialises a dimension of size 1: a batch-1 example would bake batch 1 into the
+    # decoder's Resize sizes, and SliceInferer's batches of slices would then fail in ONNX Runtime
+    example = example.expand(2, *example.shape[1:]) if example.shape[0] == 1 else example
     convert_to_onnx(
         network.eval().cpu(), inputs=[example], filename=str(path), input_names=[INPUT_NAME],
         output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, verify=False,
@@ -137,6 +141,7 @@ def quantize_bundle(
     config_file: str = "configs/inference.json",
     extra_configs: Sequence[str] = (),
     num_inputs: int = 32,
+    overrides: dict | None = None,
 ) -> dict:
     """
     Write the INT8 QDQ ONNX model of a trained bundle, calibrated on ``calibration_dir``.
@@ -149,6 +154,8 @@ def quantize_bundle(
         config_file: the inference config that defines ``network_def``, ``preprocessing``, ``inferer``.
         extra_configs: overrides merged after ``config_file`` (e.g. a data-layout config).
         num_inputs: number of calibration inputs (2D images or slices).
+        overrides: config values set as on the bundle command line (e.g. ``{"image_size": 384}``): the
+            INT8 model is fixed to the network input size the bundle's preprocessing produces.
 
     Returns:
         the output path, the number of calibration inputs, and the INT8 vs fp32 agreement on them.
@@ -168,7 +175,7 @@ def quantize_bundle(
     ckpt = Path(ckpt_file) if Path(ckpt_file).is_absolute() else bundle / ckpt_file
     if not Path(calibration_dir).is_dir():
         raise InputError(f"{calibration_dir}: calibration folder not found")
-    parser = _bundle_parser(bundle, config_file, extra_configs, {"input_dir": os.fspath(calibration_dir)})
+    parser = _bundle_parser(bundle, config_file, extra_configs, {**(overrides or {}), "input_dir": os.fspath(calibration_dir)})
     network = parser.get_parsed_content("network_def").cpu().eval()
     network.load_state_dict(load_checkpoint(ckpt, map_location="cpu"))
     inputs = calibration_inputs(parser, network, int(num_inputs))

@@ -264,6 +264,13 @@ class FastForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.as_subclass(torch.Tensor)  # MetaTensor bookkeeping on every layer costs more than small layers
         if self.session is not None:
+            fixed = self.session.input_shape[1:]
+            if any(isinstance(d, int) and d != s for d, s in zip(fixed, x.shape[1:])):
+                shape = "x".join(str(d) for d in fixed)
+                raise InputError(
+                    f"{self.session.path}: the INT8 model takes inputs of {shape}, got {'x'.join(map(str, x.shape[1:]))}; "
+                    "re-run `custom_nets.deploy quantize` with the same image size as this inference"
+                )
             return self.session(x).to(x.device)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
