@@ -7,10 +7,11 @@ import fire
 
 def main() -> None:
     # Imported on use, so ``--help`` of one command does not load the others' dependencies.
+    from custom_nets.engines.stream import stream_command
     from custom_nets.tracking.architectures import architectures_command
     from custom_nets.tracking.compare import compare_command
 
-    fire.Fire({"compare": compare_command, "architectures": architectures_command})
+    fire.Fire({"compare": compare_command, "architectures": architectures_command, "stream": stream_command})
 
 
 if __name__ == "__main__":
