@@ -225,8 +225,9 @@ class MLflowRunParams:
       (``--tracking mlflow`` appends that one at the end of ``train#handlers``, so any place works).
     - first ``EPOCH_STARTED`` (the run exists by then): params ``network``, ``network_params``,
       ``loss``, ``optimizer``, ``lr``, ``weight_decay``, ``lr_scheduler``, ``batch_size``, ``amp``,
-      ``train_cases``, ``val_cases``, ``<name>_cases`` for ``data_counts``, ``image_size``,
-      ``git_commit``/``git_dirty``, ``bundle_name``/``bundle_version`` and ``extra_params``.
+      ``train_precision``/``channels_last`` (with a ``PrecisionInferer``), ``train_cases``, ``val_cases``,
+      ``<name>_cases`` for ``data_counts``, ``image_size``, ``git_commit``/``git_dirty``,
+      ``bundle_name``/``bundle_version`` and ``extra_params``.
       Params already in the run (a resumed run) are kept, as MLflow refuses changed values.
     - first ``ITERATION_COMPLETED``: param ``train_image_shape`` (the per-sample shape actually trained on).
     - ``COMPLETED``: metrics ``best_<key metric>``, ``best_<key metric>_epoch``, ``final_<metric>`` for
@@ -400,6 +401,9 @@ class MLflowRunParams:
             params["batch_size"] = loader.batch_size
         if hasattr(engine, "amp"):
             params["amp"] = bool(engine.amp)
+        choice = getattr(getattr(engine, "inferer", None), "training_precision", None)  # a PrecisionInferer's
+        if choice is not None:
+            params["train_precision"], params["channels_last"] = choice.precision, choice.channels_last
         params["max_epochs"] = engine.state.max_epochs
         for split, eng in (("train", engine), ("val", self.validator)):
             dataset = getattr(getattr(eng, "data_loader", None), "dataset", None)
