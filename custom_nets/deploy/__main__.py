@@ -38,10 +38,11 @@ def parity(bundle_dir: str, onnx_file: str = "models/model.onnx", atol: float = 
 
 def quantize(bundle_dir: str, calibration_dir: str, output: str = "models/model_int8.onnx",
              ckpt_file: str = "models/model.pt", extra_configs: tuple[str, ...] | str = (), num_inputs: int = 32,
-             **overrides) -> dict:  # fmt: skip
+             min_dice: float = 0.98, **overrides) -> dict:  # fmt: skip
     """
     INT8 QDQ ONNX model of ``bundle_dir`` calibrated on ``num_inputs`` inputs from ``calibration_dir``;
     other ``--key value`` pairs override the inference config as on the bundle command line (``--image_size 384``).
+    Nothing is written when the INT8 masks agree with fp32 under ``--min_dice`` on the calibration inputs.
     """
     import logging
 
@@ -51,7 +52,8 @@ def quantize(bundle_dir: str, calibration_dir: str, output: str = "models/model_
     logging.getLogger("custom_nets").setLevel(logging.INFO)  # ours; the exporters' INFO lines are noise here
     extra = (extra_configs,) if isinstance(extra_configs, str) else tuple(extra_configs)
     return quantize_bundle(
-        bundle_dir, calibration_dir, output, ckpt_file, extra_configs=extra, num_inputs=num_inputs, overrides=overrides
+        bundle_dir, calibration_dir, output, ckpt_file, extra_configs=extra, num_inputs=num_inputs, overrides=overrides,
+        min_dice=min_dice,
     )
 
 
