@@ -46,6 +46,7 @@ __all__ = [
     "PrecisionChoice",
     "cpu_info",
     "native_bf16",
+    "bf16_problem",
     "choose_precision",
     "FastForward",
     "fast_network",
@@ -118,6 +119,26 @@ def native_bf16(info: dict | None = None) -> str | None:
     return None
 
 
+def bf16_problem(device: str | torch.device = "cpu", info: dict | None = None) -> str | None:
+    """
+    Why bf16 cannot run natively on ``device``, or None when it can: a CUDA device without bf16, or a
+    CPU without AMX-BF16/AVX512-BF16 (under oneDNN's ``ONEDNN_MAX_CPU_ISA`` cap when set). Shared by
+    inference (:func:`choose_precision`) and training (``training_precision``).
+
+    Example::
+
+        bf16_problem("cpu")  # 'this CPU (AMD EPYC) has no native bf16 (AMX-BF16 or AVX512-BF16)'
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return None if torch.cuda.is_bf16_supported() else f"{torch.cuda.get_device_name(device)} has no bf16"
+    info = info or cpu_info()
+    if native_bf16(info):
+        return None
+    problem = f"this CPU ({info['model']}) has no native bf16 (AMX-BF16 or AVX512-BF16)"
+    return problem + (f" under ONEDNN_MAX_CPU_ISA={info['onednn_max_isa']}" if info.get("onednn_max_isa") else "")
+
+
 def _onnxruntime_missing() -> str | None:
     try:
         import onnxruntime  # noqa: F401
@@ -184,17 +205,13 @@ def choose_precision(
     if requested not in PRECISIONS:
         raise PrecisionUnavailableError(f"precision {requested!r} is unknown; choose one of {', '.join(PRECISIONS)}")
     device = torch.device(device)
-    if device.type == "cuda":
-        bf16_problem = None if torch.cuda.is_bf16_supported() else f"{torch.cuda.get_device_name(device)} has no bf16"
-        fp16_problem = None
-    else:
+    if device.type != "cuda":
         info = info or cpu_info()
-        bf16_problem = None if native_bf16(info) else f"this CPU ({info['model']}) has no native bf16 (AMX-BF16 or AVX512-BF16)"
-        if bf16_problem and info.get("onednn_max_isa"):
-            bf16_problem += f" under ONEDNN_MAX_CPU_ISA={info['onednn_max_isa']}"
-        fp16_problem = "fp16 runs on CUDA only; use bf16, int8 or fp32 on the CPU"
-    int8_problem = _int8_problem(int8_model, device, checkpoint)
-    problems = {"fp32": None, "bf16": bf16_problem, "fp16": fp16_problem, "int8": int8_problem}
+    bf16 = bf16_problem(device, info)
+    fp16_problem = None if device.type == "cuda" else "fp16 runs on CUDA only; use bf16, int8 or fp32 on the CPU"
+    # hashing model.pt and reading the INT8 model's metadata only when the INT8 path is in question
+    int8_problem = _int8_problem(int8_model, device, checkpoint) if requested in ("int8", "auto") else None
+    problems = {"fp32": None, "bf16": bf16, "fp16": fp16_problem, "int8": int8_problem}
     if requested != "auto":
         if problems[requested]:
             raise PrecisionUnavailableError(f"precision {requested} cannot run here: {problems[requested]}")
@@ -205,9 +222,9 @@ def choose_precision(
     int8_isa = "AMX-INT8" if "amx_int8" in flags else "VNNI" if flags & {"avx512_vnni", "avx_vnni"} else "AVX2, no VNNI"
     if int8_problem is None:
         return PrecisionChoice("int8", f"INT8 model {int8_model} on ONNX Runtime (CPU: {int8_isa})")
-    if bf16_problem is None:
+    if bf16 is None:
         return PrecisionChoice("bf16", f"CPU has {native_bf16(info)}; no INT8 model ({int8_problem})")
-    return PrecisionChoice("fp32", f"{bf16_problem}; no INT8 model ({int8_problem})")
+    return PrecisionChoice("fp32", f"{bf16}; no INT8 model ({int8_problem})")
 
 
 class FastForward(nn.Module):

@@ -59,7 +59,7 @@ import torch
 from monai.inferers import Inferer, SimpleInferer
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from custom_nets.engines.fast_path import PrecisionUnavailableError, cpu_info, native_bf16
+from custom_nets.engines.fast_path import PrecisionUnavailableError, bf16_problem, cpu_info, native_bf16
 
 idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
 
@@ -165,18 +165,14 @@ def choose_training_precision(
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        bf16_problem = None if torch.cuda.is_bf16_supported() else f"{name} has no bf16"
-        problems = {"fp32": None, "fp16": None, "bf16": bf16_problem}
+        problems = {"fp32": None, "fp16": None, "bf16": bf16_problem(device)}
         auto = ("fp16", f"CUDA device {name}: MONAI's mixed precision (float16 + GradScaler)")
     else:
         info = info or cpu_info()
         isa = native_bf16(info)
-        bf16_problem = None if isa else f"this CPU ({info['model']}) has no native bf16 (AMX-BF16 or AVX512-BF16)"
-        if bf16_problem and info.get("onednn_max_isa"):
-            bf16_problem += f" under ONEDNN_MAX_CPU_ISA={info['onednn_max_isa']}"
-        problems = {"fp32": None, "bf16": bf16_problem, "fp16": "fp16 training runs on CUDA only"}
+        problems = {"fp32": None, "bf16": bf16_problem(device, info), "fp16": "fp16 training runs on CUDA only"}
         # emulated bf16 trains slower than fp32, so auto keeps fp32 without native instructions
-        auto = ("bf16", f"CPU has {isa}") if isa else ("fp32", f"{bf16_problem}, bf16 would be emulated and slower")
+        auto = ("bf16", f"CPU has {isa}") if isa else ("fp32", f"{problems['bf16']}, bf16 would be emulated and slower")
     if requested == "auto":
         precision, reason = auto
     elif problems[requested]:
