@@ -18,6 +18,7 @@ __all__ = [
     "Ellipse",
     "ellipse_perimeter",
     "fit_ellipse",
+    "fit_ellipse_robust",
     "fit_head_ellipse",
     "head_circumference_mm",
     "HeadCircumference",
@@ -37,16 +38,33 @@ class Ellipse(NamedTuple):
     def perimeter(self) -> float:
         return ellipse_perimeter(self.semi_major, self.semi_minor)
 
-    def to_mask(self, shape: Sequence[int]) -> np.ndarray:
-        """A boolean ``shape`` array, True at the pixels whose centres lie inside the ellipse (pixel units)."""
-        d0, d1 = np.meshgrid(
-            np.arange(shape[0], dtype=np.float64) - self.center_0,
-            np.arange(shape[1], dtype=np.float64) - self.center_1,
-            indexing="ij",
-        )
+    def radial_distance(self, points: np.ndarray) -> np.ndarray:
+        """
+        Signed distance of ``points`` (``(N, 2)``) from the ellipse along the ray from its centre:
+        positive outside, negative inside (a close, cheap stand-in for the geometric distance).
+        """
+        d0, d1 = points[:, 0] - self.center_0, points[:, 1] - self.center_1
         cos, sin = math.cos(self.angle), math.sin(self.angle)
         u, v = d0 * cos + d1 * sin, -d0 * sin + d1 * cos
-        return (u / self.semi_major) ** 2 + (v / self.semi_minor) ** 2 <= 1.0
+        r = np.sqrt((u / self.semi_major) ** 2 + (v / self.semi_minor) ** 2)
+        return np.hypot(d0, d1) * (1.0 - 1.0 / np.maximum(r, 1e-12))
+
+    def to_mask(self, shape: Sequence[int]) -> np.ndarray:
+        """A boolean ``shape`` array, True at the pixels whose centres lie inside the ellipse (pixel units)."""
+        cos, sin = math.cos(self.angle), math.sin(self.angle)
+        # only the ellipse's bounding box is evaluated: a head is a fraction of the image
+        half_0 = math.hypot(self.semi_major * cos, self.semi_minor * sin)
+        half_1 = math.hypot(self.semi_major * sin, self.semi_minor * cos)
+        lo_0, hi_0 = max(0, math.floor(self.center_0 - half_0)), min(shape[0], math.ceil(self.center_0 + half_0) + 1)
+        lo_1, hi_1 = max(0, math.floor(self.center_1 - half_1)), min(shape[1], math.ceil(self.center_1 + half_1) + 1)
+        mask = np.zeros(tuple(shape[:2]), dtype=bool)
+        if lo_0 >= hi_0 or lo_1 >= hi_1:
+            return mask
+        d0 = np.arange(lo_0, hi_0, dtype=np.float64)[:, None] - self.center_0
+        d1 = np.arange(lo_1, hi_1, dtype=np.float64)[None, :] - self.center_1
+        u, v = d0 * cos + d1 * sin, -d0 * sin + d1 * cos
+        mask[lo_0:hi_0, lo_1:hi_1] = (u / self.semi_major) ** 2 + (v / self.semi_minor) ** 2 <= 1.0
+        return mask
 
 
 def ellipse_perimeter(a: float, b: float) -> float:
@@ -94,14 +112,55 @@ def fit_ellipse(points: np.ndarray) -> Ellipse | None:
     return Ellipse(float(c0), float(c1), float(a), float(b), float(theta))
 
 
+def fit_ellipse_robust(
+    points: np.ndarray, tolerance: float = 1.5, max_rounds: int = 5, min_inliers: float = 0.5
+) -> tuple[Ellipse | None, np.ndarray]:
+    """
+    Least-squares ellipse through ``points`` that is not pulled by outliers: fit, drop the points
+    farther from the ellipse than ``max(tolerance, 3 sd)`` (sd estimated robustly, 1.4826 x the median
+    absolute deviation of the radial distances), fit the rest again, until nothing changes.
+
+    This is what a segmentation that spills into the amniotic fluid on one side needs: the spill
+    is a bump of contour points outside the skull's ellipse, which a plain least-squares fit
+    follows half-way.
+
+    Args:
+        points: ``(N, 2)`` contour points.
+        tolerance: distances up to this (in the points' units) are never outliers: the contour's
+            own pixel steps and raggedness.
+        max_rounds: most refits.
+        min_inliers: stop dropping points before fewer than this share of them is left.
+
+    Returns:
+        the ellipse (``None`` when none fits) and the boolean inlier mask of ``points``.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    inliers = np.ones(len(points), dtype=bool)
+    ellipse = fit_ellipse(points)
+    for _ in range(max_rounds):
+        if ellipse is None:
+            break
+        distance = ellipse.radial_distance(points)
+        spread = 1.4826 * float(np.median(np.abs(distance[inliers] - np.median(distance[inliers]))))
+        keep = np.abs(distance) <= max(tolerance, 3.0 * spread)
+        if np.array_equal(keep, inliers) or keep.sum() < max(5, min_inliers * len(points)):
+            break
+        refit = fit_ellipse(points[keep])
+        if refit is None:
+            break
+        ellipse, inliers = refit, keep
+    return ellipse, inliers
+
+
 def fit_head_ellipse(mask: np.ndarray | torch.Tensor, spacing: float | Sequence[float] = 1.0) -> Ellipse | None:
     """
     The ellipse fitted to the outer contour of the largest connected region of a 2D ``mask``, in the
     units of ``spacing`` (mm per pixel along array axes 0 and 1; one number for square pixels).
 
     Holes are filled first; contour points on the image border are left out, so a head cut by the
-    border is completed by the fit instead of being flattened. ``None`` for an empty mask or when no
-    ellipse fits.
+    border is completed by the fit instead of being flattened; contour points that stray from the
+    ellipse (a spill into the surrounding fluid) are left out by :func:`fit_ellipse_robust`, run in
+    pixel units. ``None`` for an empty mask or when no ellipse fits.
 
     Args:
         mask: ``(H, W)`` array, non-zero inside the head.
@@ -126,7 +185,8 @@ def fit_head_ellipse(mask: np.ndarray | torch.Tensor, spacing: float | Sequence[
     inside = np.all((points >= 0) & (points <= np.asarray(mask.shape) - 1), axis=1)
     if inside.sum() >= 5:
         points = points[inside]
-    return fit_ellipse(points * np.broadcast_to(np.asarray(spacing, dtype=np.float64), (2,)))
+    _, inliers = fit_ellipse_robust(points)
+    return fit_ellipse(points[inliers] * np.broadcast_to(np.asarray(spacing, dtype=np.float64), (2,)))
 
 
 def head_circumference_mm(
