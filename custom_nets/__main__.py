@@ -10,8 +10,17 @@ def main() -> None:
     from custom_nets.engines.stream import stream_command
     from custom_nets.tracking.architectures import architectures_command
     from custom_nets.tracking.compare import compare_command
+    from custom_nets.tracking.crossval import crossval_command, crossval_compare_command
 
-    fire.Fire({"compare": compare_command, "architectures": architectures_command, "stream": stream_command})
+    fire.Fire(
+        {
+            "compare": compare_command,
+            "architectures": architectures_command,
+            "crossval": crossval_command,
+            "crossval_compare": crossval_compare_command,
+            "stream": stream_command,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Any
 
 from custom_nets.errors import InputError
 from custom_nets.tracking.compare import CompareError, compare, markdown_table, parse_run_ids
-from custom_nets.tracking.params import TrackingUnreachableError, check_tracking_uri, experiment_name
+from custom_nets.tracking.params import TrackingUnreachableError, open_tracking_store
 
 __all__ = ["NETWORKS", "ArchitecturesError", "architectures", "architectures_command", "network_def_for"]
 
@@ -147,7 +147,6 @@ def architectures(
                       networks="AdaptiveCENet,UNet", epochs=2)
     """
     from monai.bundle import ConfigParser
-    from monai.utils import path_to_sqlite_uri
 
     bundle = Path(bundle).resolve()
     config_path = bundle / config_file
@@ -164,15 +163,10 @@ def architectures(
 
     out = Path(output_dir).resolve() if output_dir is not None else bundle / "eval" / "architectures"
     out.mkdir(parents=True, exist_ok=True)
-    tracking_uri = tracking_uri or path_to_sqlite_uri(str(out / "mlruns.db"))
-    experiment = experiment or experiment_name(bundle)
     try:
-        check_tracking_uri(tracking_uri)
+        tracking_uri, experiment, client = open_tracking_store(out, bundle, tracking_uri, experiment)
     except TrackingUnreachableError as e:
         raise ArchitecturesError(str(e)) from None
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     common = [
         "--bundle_root", str(bundle), "--dataset_dir", str(Path(dataset_dir).resolve()),

@@ -42,6 +42,7 @@ __all__ = [
     "experiment_name",
     "find_attached",
     "git_commit",
+    "open_tracking_store",
     "run_name",
 ]
 
@@ -177,6 +178,25 @@ def check_tracking_uri(tracking_uri: str, timeout: float = 5.0) -> str:
             "use sqlite:///<path>/mlruns.db or http://host:port"
         )
     return uri
+
+
+def open_tracking_store(
+    output_dir: str | os.PathLike, bundle_root: str | os.PathLike, tracking_uri: str | None = None, experiment: str | None = None
+) -> tuple[str, str, Any]:
+    """
+    The MLflow store of a command that runs several bundle trainings (``architectures``, ``crossval``):
+    ``tracking_uri`` (default ``sqlite:///<output_dir>/mlruns.db``) checked with :func:`check_tracking_uri`,
+    the experiment name (default the bundle folder's) and an ``MlflowClient``.
+
+    Raises:
+        TrackingUnreachableError: the URI cannot be used.
+    """
+    from monai.utils import path_to_sqlite_uri
+
+    tracking_uri = check_tracking_uri(tracking_uri or path_to_sqlite_uri(str(Path(output_dir) / "mlruns.db")))
+    import mlflow  # after the check: importing mlflow takes seconds
+
+    return tracking_uri, experiment or experiment_name(bundle_root), mlflow.MlflowClient(tracking_uri=tracking_uri)
 
 
 def _handler_owners(engine: Engine) -> Iterator[Any]:
