@@ -118,7 +118,8 @@ def test_head_circumference_pixel_size_from_csv_table(tmp_path):
 
 def test_head_circumference_unknown_for_png_without_pixel_size(tmp_path):
     path = write_png(tmp_path / "scan.png", np.zeros((60, 80)))
-    assert HeadCircumference()(_case(path, _mask_like(path))) == {"pixel_size_mm": None, "hc_mm": None}
+    row = HeadCircumference()(_case(path, _mask_like(path)))
+    assert row["pixel_size_mm"] is None and row["hc_mm"] is None and row["hc_note"].startswith("no pixel size")
 
 
 @pytest.mark.parametrize(
@@ -138,3 +139,12 @@ def test_head_circumference_pixel_size_from_image_geometry(tmp_path, writer, exp
     row = HeadCircumference()(case)
     assert row["pixel_size_mm"] == pytest.approx(expected)
     assert row["hc_mm"] == pytest.approx(head_circumference_mm(case["pred"][0].numpy(), expected), rel=1e-6)
+
+
+def test_an_empty_mask_gets_no_hc_but_a_one_line_reason(tmp_path):
+    path = write_png(tmp_path / "001_HC.png", np.zeros((60, 80)))
+    pred = _mask_like(path)
+    measured = HeadCircumference()(_case(path, pred, pixel_size_mm=0.1))
+    assert measured["hc_mm"] > 0 and measured["hc_note"] == ""
+    empty = HeadCircumference()(_case(path, torch.zeros_like(pred), pixel_size_mm=0.1, hc_ref_mm=10.0))
+    assert empty["hc_mm"] is None and empty["hc_abs_error_mm"] is None and empty["hc_note"].startswith("empty mask")

@@ -171,7 +171,8 @@ The means of the ``publish`` columns are put into ``engine.state.metrics``, so `
         for name in case_columns:
             columns[name] = [row.get(name) for row in self._rows]
 
-        summary = {name: _summarise(values) for name, values in columns.items()}
+        # text columns (e.g. ``hc_note``, why a case has no HC) go to the per-case table only
+        summary = {name: _summarise(values) for name, values in columns.items() if not any(isinstance(v, str) for v in values)}
         for name in self.publish:
             if name not in summary:
                 raise KeyError(f"cannot publish '{name}': no such column (columns: {list(summary)})")

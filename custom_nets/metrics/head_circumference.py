@@ -267,7 +267,9 @@ class HeadCircumference:
     The pixel size is taken, in this order, from the case's ``pixel_size_key`` (an HC18 datalist
     item), from ``pixel_sizes`` by image file name (an HC18 CSV read with
     :func:`custom_nets.data.hc18.read_pixel_sizes`), then from the image file's own geometry (NIfTI
-    header, DICOM ``PixelSpacing`` or ultrasound region calibration). Without any, the HC is left empty.
+    header, DICOM ``PixelSpacing`` or ultrasound region calibration). Without any, the HC is left empty. Every case gets an ``hc_note``:
+    empty when ``hc_mm`` holds a value, else one line saying why not (no pixel size, an empty mask, no
+    ellipse fits).
 
     Args:
         pred_key: key of the prediction: one-hot ``(C, H, W)`` (channel ``foreground_channel`` is the
@@ -282,7 +284,7 @@ class HeadCircumference:
     Example::
 
         hc = HeadCircumference(pixel_sizes=read_pixel_sizes("hc18/test_set_pixel_size.csv"))
-        hc({"pred": mask, "image": image})  # {"pixel_size_mm": 0.11, "hc_mm": 172.3}
+        hc({"pred": mask, "image": image})  # {"pixel_size_mm": 0.11, "hc_mm": 172.3, "hc_note": ""}
     """
 
     def __init__(
@@ -323,15 +325,25 @@ class HeadCircumference:
             return (size, size)
         return _spacing_from_image(meta, filename) if filename else None
 
-    def __call__(self, case: Mapping[str, Any]) -> dict[str, float | None]:
+    def __call__(self, case: Mapping[str, Any]) -> dict[str, float | str | None]:
         pred = torch.as_tensor(case[self.pred_key]).detach().cpu()
         if pred.ndim != 3:
             raise ValueError(f"head circumference needs a 2D prediction (C, H, W), got shape {list(pred.shape)}")
         mask = pred[self.foreground_channel] > 0.5 if pred.shape[0] > 1 else pred[0] > 0
         spacing = self.spacing(case)
-        columns: dict[str, float | None] = {
+        hc, note = None, ""
+        if spacing is None:
+            note = "no pixel size: the image file carries none and no pixel-size CSV row names it"
+        elif not mask.any():
+            note = "empty mask: no head was segmented"
+        else:
+            hc = head_circumference_mm(mask.numpy(), spacing, self.contour_offset_px)
+            if not math.isfinite(hc):
+                hc, note = None, "no ellipse fits the mask's contour"
+        columns: dict[str, float | str | None] = {
             "pixel_size_mm": None if spacing is None else float(np.sqrt(spacing[0] * spacing[1])),
-            "hc_mm": None if spacing is None else head_circumference_mm(mask.numpy(), spacing, self.contour_offset_px),
+            "hc_mm": hc,
+            "hc_note": note,
         }
         reference = case.get(self.reference_key)
         if reference is not None:
