@@ -203,8 +203,8 @@ def _markdown(rows: Sequence[Mapping[str, Any]]) -> str:
 class _Runner:
     """Runs ``python -m monai.bundle run ...`` for one cross-validation and records what it did."""
 
-    def __init__(self, python: str, config_path: Path, net_config: Path, common: list[str]) -> None:
-        self.python, self.config_path, self.net_config, self.common = python, config_path, net_config, common
+    def __init__(self, python: str, net_config: Path, common: list[str]) -> None:
+        self.python, self.net_config, self.common = python, net_config, common
 
     def __call__(self, entry: str, config_files: Sequence[Path], extra: Sequence[str], log: Path) -> int:
         cmd = [self.python, "-m", "monai.bundle", "run", entry,
@@ -340,7 +340,7 @@ def crossval(
         common += ["--seed", str(int(seed))]
     for key, value in overrides.items():  # for evaluation too: e.g. --image_size must match the training's
         common += [f"--{key}", _cli_value(value)]
-    run = _Runner(python, train_config, net_config, common)
+    run = _Runner(python, net_config, common)
     train_extra = [f"--{_epochs_key(config)}", str(int(epochs)),
                    "--tracking", "mlflow", "--tracking_uri", tracking_uri, "--experiment_name", experiment]  # fmt: skip
 
@@ -364,11 +364,12 @@ def crossval(
         fold_dir = out / f"fold_{fold}"
         fold_dir.mkdir(exist_ok=True)
         train_subjects = [s for f, group in enumerate(fold_subjects) if f != fold for s in group]
-        inner = random.Random(seed + fold).sample(train_subjects, max(1, round(validation_fraction * len(train_subjects))))
+        inner = set(random.Random(seed + fold).sample(train_subjects, max(1, round(validation_fraction * len(train_subjects)))))
+        held = set(held_out)
         parts = {
-            "training": [i for i in cv_items if _subject(i) in set(train_subjects) - set(inner)],
-            "validation": [i for i in cv_items if _subject(i) in set(inner)],
-            "test": [i for i in cv_items if _subject(i) in set(held_out)],
+            "training": [i for i in cv_items if _subject(i) not in held and _subject(i) not in inner],
+            "validation": [i for i in cv_items if _subject(i) in inner],
+            "test": [i for i in cv_items if _subject(i) in held],
         }
         datalist = fold_dir / "datalist.json"
         write_json_atomic(datalist, {"fold": fold, **parts})
