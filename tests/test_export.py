@@ -221,3 +221,54 @@ def test_onnx_export_cli_matches_eager_in_onnxruntime(case, exported, tmp_path):
     result = onnx_parity(bundle)
     assert result["max_abs_diff"] < 1e-3
     assert result["argmax_agreement"] > 0.999
+
+
+@pytest.mark.parametrize("case", [p for p in handoff_params() if p.id != "brain_tumor_mri_segmentation"])
+def test_handoff_int8_runs_without_custom_nets_and_equals_the_research_int8_path(case, exported, tmp_path, request):
+    """quantize -> handoff carries model_int8.onnx + scripts/onnx_network.py; the documented command, in a
+    Python that cannot import custom_nets, writes the research path's INT8 masks; a stale INT8 model stays home."""
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime is the optional extra custom_nets[fast]")
+    bundle = shutil.copytree(exported(case), tmp_path / case.name)
+    inputs = sample_inputs(case, tmp_path / "inputs", request)
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for image in inputs:  # random weights: the masks are only compared with each other
+        (shutil.copytree if image.is_dir() else shutil.copy)(image, calibration / image.name)
+    check(run_cli(
+        [sys.executable, "-m", "custom_nets.deploy", "quantize", str(bundle), "--calibration_dir", str(calibration),
+         "--num_inputs", "2", "--min_dice", "0"], cwd=tmp_path,
+    ))  # fmt: skip
+    out = export_handoff(bundle, tmp_path / "handoff", int8=True)
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["model.ts", "model_int8.onnx"]
+    for path in (out / "scripts").glob("*.py"):
+        assert "from custom_nets" not in path.read_text() and "import custom_nets" not in path.read_text()
+
+    blocked = env_without_custom_nets(tmp_path / "block")
+    research_dir, handoff_dir = tmp_path / "research", tmp_path / "handoff_out"
+    research = check(run_cli(
+        [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json",
+         "--input_dir", str(tmp_path / "inputs"), "--output_dir", str(research_dir), "--precision", "int8",
+         "--postprocess", "none"], cwd=bundle,
+    ))  # fmt: skip
+    assert "inference path: int8" in research.stdout + research.stderr
+    check(run_cli(
+        [sys.executable, "-m", "monai.bundle", "run", "inference",
+         "--config_file", "['configs/inference.json','configs/inference_int8.json']",
+         "--input_dir", str(tmp_path / "inputs"), "--output_dir", str(handoff_dir)], cwd=out, env=blocked,
+    ))  # fmt: skip
+    for image in inputs:
+        name = image.name[: -len(".nii.gz")] if image.name.endswith(".nii.gz") else image.stem
+        ours, theirs = (_read_mask(d / f"{name}{case.mask_postfix}{case.mask_suffix}") for d in (research_dir, handoff_dir))
+        assert theirs.shape == ours.shape
+        differ = float(np.mean(theirs != ours))
+        assert differ <= 1e-4, f"{name}: {differ:.2e} of the voxels differ"
+
+    # retrained since the INT8 export: the hand-off leaves the stale INT8 model out, or refuses when asked for it
+    state = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, bundle / "models" / "model.pt")
+    with pytest.raises(HandoffError, match=r"model_int8\.onnx: not made from .*model\.pt \(retrained since\?\)"):
+        export_handoff(bundle, tmp_path / "refused", int8=True)
+    assert not (tmp_path / "refused").exists()
+    out = export_handoff(bundle, tmp_path / "handoff")
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["model.ts"]
+    assert not (out / "scripts").exists() and not (out / "configs" / "inference_int8.json").exists()

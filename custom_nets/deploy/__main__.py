@@ -1,7 +1,7 @@
 """
 Command line of :mod:`custom_nets.deploy`::
 
-    python -m custom_nets.deploy handoff BUNDLE_DIR OUTPUT_DIR [--extra_configs "['configs/layout.json']"]
+    python -m custom_nets.deploy handoff BUNDLE_DIR OUTPUT_DIR [--extra_configs "['configs/layout.json']"] [--int8 true|false]
     python -m custom_nets.deploy onnx_parity BUNDLE_DIR [--onnx_file models/model.onnx]
     python -m custom_nets.deploy quantize BUNDLE_DIR --calibration_dir IMAGES [--num_inputs 32] [--image_size 256]
 
@@ -21,10 +21,16 @@ from custom_nets.deploy.onnx_runtime import onnx_parity
 from custom_nets.errors import InputError
 
 
-def handoff(bundle_dir: str, output_dir: str, extra_configs: tuple[str, ...] | str = ()) -> str:
-    """Write the MONAI-only hand-off bundle of ``bundle_dir`` to ``output_dir`` (``--extra_configs configs/x.json``)."""
+def handoff(bundle_dir: str, output_dir: str, extra_configs: tuple[str, ...] | str = (), int8: bool | None = None) -> str:
+    """
+    Write the MONAI-only hand-off bundle of ``bundle_dir`` to ``output_dir`` (``--extra_configs configs/x.json``).
+    The INT8 model goes with it when it was made from the bundle's ``model.pt`` (``--int8 true``: required).
+    """
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     extra = (extra_configs,) if isinstance(extra_configs, str) else tuple(extra_configs)
-    return str(export_handoff(bundle_dir, output_dir, extra))
+    return str(export_handoff(bundle_dir, output_dir, extra, int8=int8))
 
 
 def parity(bundle_dir: str, onnx_file: str = "models/model.onnx", atol: float = 1e-3, min_agreement: float = 0.999,

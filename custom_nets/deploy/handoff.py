@@ -11,6 +11,13 @@ a small override that takes the network from ``models/model.ts`` and writes mask
 checks that nothing in it refers to ``custom_nets``, checks ``model.ts`` against ``metadata.json`` with a
 forward pass, and embeds the merged config in the hand-off copy of ``model.ts``.
 
+When the bundle has an INT8 model (``models/model_int8.onnx`` from ``custom_nets.deploy quantize``) made from
+its current ``model.pt``, the hand-off carries it too, with ``scripts/onnx_network.py`` (an ONNX Runtime
+session as a network, no ``custom_nets`` in it) and ``configs/inference_int8.json``, the override that
+runs it. A site then needs MONAI and ``onnxruntime`` only::
+
+    python -m monai.bundle run inference --config_file "['configs/inference.json','configs/inference_int8.json']" ...
+
 Example::
 
     python -m custom_nets.deploy handoff bundles/fetal_head_us_segmentation dist/fetal_head_us_segmentation
@@ -19,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,16 +35,28 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser, verify_net_in_out
 
-__all__ = ["HandoffError", "RESEARCH_PACKAGE", "TS_CONFIG", "merged_ts_config", "export_handoff"]
+from custom_nets.deploy import onnx_network
+from custom_nets.deploy.quantize import INT8_MODEL, sha256_of
+
+__all__ = ["HandoffError", "INT8_CONFIG", "RESEARCH_PACKAGE", "TS_CONFIG", "merged_ts_config", "export_handoff"]
 
 #: The research package that the hand-off configs must not need.
 RESEARCH_PACKAGE = "custom_nets"
 #: The TorchScript-only override that sits next to ``configs/inference.json`` in every bundle.
 TS_CONFIG = "inference_ts.json"
+#: The hand-off's override that runs the INT8 ONNX model instead of ``model.ts``.
+INT8_CONFIG = "inference_int8.json"
+_INT8_OVERRIDE = {
+    "int8_path": f"$@bundle_root + '/{INT8_MODEL}'",
+    "network_def": {"_target_": "scripts.onnx_network.OnnxNetwork", "onnx_path": "@int8_path"},
+}
 #: Files copied into the hand-off bundle when present (training configs are left out: they need custom_nets).
 COPIED = ("configs/metadata.json", "configs/logging.conf", "docs", "LICENSE")
 #: The keys of ``network_data_format`` that a TorchScript export fixes.
 SHAPE_KEYS = ("type", "num_channels", "spatial_shape", "dtype")
+
+
+logger = logging.getLogger(__name__)
 
 
 class HandoffError(ValueError):
@@ -113,13 +133,51 @@ def _check_forward(ts_path: Path, meta_path: Path, config_path: Path, bundle_roo
         raise HandoffError(f"{source}: the input/output it describes do not fit {ts_path.name}: {first_line}") from e
 
 
+def _int8_model(bundle: Path, int8: bool | None) -> Path | None:
+    """The bundle's INT8 model when the hand-off should carry it: made from the current ``model.pt``.
+    ``int8=None`` carries it when it is there and current (logged when not); ``True`` requires it."""
+    path, ckpt = bundle / INT8_MODEL, bundle / "models" / "model.pt"
+    if int8 is False:
+        return None
+    if not path.is_file():
+        problem = f"{path}: not found; make it with `python -m custom_nets.deploy quantize {bundle} --calibration_dir IMAGES`"
+    elif not ckpt.is_file():
+        problem = f"{ckpt}: not found; the INT8 model is only handed off beside the model.pt it was made from"
+    else:
+        from custom_nets.engines.fast_path import int8_source_checkpoint
+
+        problem = None
+        if int8_source_checkpoint(path) != sha256_of(ckpt):
+            problem = f"{path}: not made from {ckpt} (retrained since?); re-run `custom_nets.deploy quantize`"
+    if problem and int8:
+        raise HandoffError(problem)
+    if problem:
+        if path.is_file():
+            logger.warning(f"hand-off without the INT8 model: {problem}")
+        return None
+    return path
+
+
+def _check_int8(int8_path: Path, meta_path: Path, source: Path) -> None:
+    """The INT8 model's output has the channels that ``meta_path`` states (errors name ``source``)."""
+    net = onnx_network.OnnxNetwork(int8_path, threads=1)
+    shape = [d if isinstance(d, int) else 1 for d in net.input_shape]
+    channels = net(torch.zeros(shape)).shape[1]
+    outputs = json.loads(meta_path.read_text()).get("network_data_format", {}).get("outputs", {})
+    want = next(iter(outputs.values()), {}).get("num_channels")
+    if want is not None and channels != want:
+        raise HandoffError(f"{source}: the INT8 model gives {channels} output channels, metadata.json states {want}")
+
+
 def export_handoff(
-    bundle_dir: str | os.PathLike, output_dir: str | os.PathLike, extra_configs: tuple[str, ...] = ()
+    bundle_dir: str | os.PathLike, output_dir: str | os.PathLike, extra_configs: tuple[str, ...] = (),
+    int8: bool | None = None,
 ) -> Path:
     """
     Write a bundle that runs with MONAI alone: ``models/model.ts``, ``configs/metadata.json``,
     ``configs/inference.json`` (the merged TorchScript-only config, also embedded in ``model.ts``),
-    ``logging.conf``, ``docs/`` and ``LICENSE``. The folder is built next to ``output_dir`` and moved
+    ``logging.conf``, ``docs/`` and ``LICENSE``; and the INT8 model with ``scripts/onnx_network.py`` and
+    ``configs/inference_int8.json`` when the bundle has one made from its ``model.pt``. The folder is built next to ``output_dir`` and moved
     into place at the end, so a failed hand-off leaves an earlier one untouched.
 
     Args:
@@ -127,13 +185,15 @@ def export_handoff(
         output_dir: the hand-off bundle folder (replaced when it exists).
         extra_configs: config overrides (relative to ``bundle_dir``) merged between ``inference.json`` and
             ``inference_ts.json``: the ones given to ``ckpt_export`` besides ``inference.json``.
+        int8: carry ``models/model_int8.onnx``: ``None`` when it is there and made from ``models/model.pt``,
+            ``True`` always (an error when it cannot), ``False`` never.
 
     Returns:
         ``output_dir`` as a ``Path``.
 
     Raises:
-        HandoffError: ``model.ts`` missing, the configs need ``custom_nets``, or ``metadata.json`` does
-            not describe the exported network.
+        HandoffError: ``model.ts`` missing, the configs need ``custom_nets``, ``metadata.json`` does
+            not describe the exported network, or ``int8=True`` and no current INT8 model.
     """
     bundle, out = Path(bundle_dir).resolve(), Path(output_dir).resolve()
     ts_path = bundle / "models" / "model.ts"
@@ -148,6 +208,7 @@ def export_handoff(
         raise HandoffError(f"{meta_path}: not found")
     merged = merged_ts_config(bundle, tuple(extra_configs))
     _check_exported_with(ts_path, meta_path)
+    int8_path = _int8_model(bundle, int8)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -170,6 +231,13 @@ def export_handoff(
             staging / "models" / "model.ts", staging / "configs" / "metadata.json",
             staging / "configs" / "inference.json", staging, meta_path,
         )  # fmt: skip
+        if int8_path is not None:
+            shutil.copy2(int8_path, staging / INT8_MODEL)
+            (staging / "scripts").mkdir()
+            (staging / "scripts" / "__init__.py").write_text("")
+            shutil.copy2(onnx_network.__file__, staging / "scripts" / "onnx_network.py")
+            (staging / "configs" / INT8_CONFIG).write_text(json.dumps(_INT8_OVERRIDE, indent=4) + "\n")
+            _check_int8(staging / INT8_MODEL, meta_path, int8_path)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.replace(out, old / out.name)

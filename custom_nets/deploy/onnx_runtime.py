@@ -23,12 +23,12 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from monai.networks.utils import convert_to_onnx
 from monai.utils import optional_import
 from torch import nn
 
+from custom_nets.deploy.onnx_network import OnnxNetwork
 from custom_nets.networks.utils import load_checkpoint
 
 __all__ = ["ONNX_EXTRA_HINT", "OnnxRuntimeForward", "onnxruntime_forward_for"]
@@ -43,37 +43,23 @@ def _onnxruntime():
     return ort
 
 
-class OnnxRuntimeForward:
+class OnnxRuntimeForward(OnnxNetwork):
     """
-    A CPU ``onnxruntime.InferenceSession`` of an ONNX file, called like a network: a float32 tensor in,
-    the first output as a tensor out.
+    :class:`~custom_nets.deploy.onnx_network.OnnxNetwork` (a CPU ONNX Runtime session called like a network)
+    whose errors name this project's extra and export command.
 
     Args:
         onnx_path: the ``.onnx`` file.
         threads: intra-op threads of the session (``None``: ONNX Runtime's default, all cores).
-        allow_spinning: let idle worker threads spin between operators. Off by default: in the folder
-            pipeline the prefetch and output threads share the cores, and spinning workers took their
-            time (INT8 HC18 inference on 2 cores: 6.6 images/s spinning, 9.3-11.5 not).
+        allow_spinning: let idle worker threads spin between operators (off: see ``OnnxNetwork``).
     """
 
     def __init__(self, onnx_path: str | os.PathLike, threads: int | None = None, allow_spinning: bool = False) -> None:
-        ort = _onnxruntime()
+        _onnxruntime()
         path = Path(onnx_path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: ONNX file not found; export it with `python -m monai.bundle onnx_export`")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        if not allow_spinning:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.path = path
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-        self.input_shape = list(self.session.get_inputs()[0].shape)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+        super().__init__(path, threads=threads, allow_spinning=allow_spinning)
 
 
 def onnxruntime_forward_for(
