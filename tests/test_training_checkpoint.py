@@ -1,6 +1,7 @@
 """
 TrainingCheckpoint on real MONAI/Ignite engines, in process: a run stopped by an exception (between
 epochs, mid-epoch, SIGTERM) and resumed ends where an uninterrupted run ends; wrong files are refused.
+AtomicCheckpointSaver: a failed best-model write leaves the previous model.pt, a missing one is no error.
 The bundle CLI with a real SIGKILL is in test_resume_cli.py.
 """
 
@@ -13,12 +14,14 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
-from monai.handlers import CheckpointSaver, LrScheduleHandler, MeanDice, StatsHandler, ValidationHandler, from_engine
+from ignite.engine import Engine
+from monai.handlers import LrScheduleHandler, MeanDice, StatsHandler, ValidationHandler, from_engine
 from monai.losses import DiceCELoss
 from monai.transforms import Activationsd, AsDiscreted, Compose
 from monai.utils import set_determinism
 
 from custom_nets.errors import InputError
+from custom_nets.handlers.atomic_checkpoint_saver import AtomicCheckpointSaver
 from custom_nets.handlers.training_checkpoint import TrainingCheckpoint, saved_run_name
 
 MAX_EPOCHS = 4
@@ -46,7 +49,7 @@ def _run(tmp_path, resume=False, stop=None, max_epochs=MAX_EPOCHS, out_channels=
     evaluator = SupervisedEvaluator(
         device=torch.device("cpu"), val_data_loader=torch.utils.data.DataLoader(_data(2), batch_size=2), network=net,
         postprocessing=post, key_val_metric={"val_mean_dice": MeanDice(output_transform=from_engine(["pred", "label"]))},
-        val_handlers=[CheckpointSaver(str(tmp_path / "models"), {"model": net}, save_key_metric=True, key_metric_filename="model.pt")],
+        val_handlers=[AtomicCheckpointSaver(str(tmp_path / "models"), {"model": net}, save_key_metric=True, key_metric_filename="model.pt")],
     )  # fmt: skip
     checkpoint = TrainingCheckpoint(
         tmp_path / "models" / "last_checkpoint.pt", {"model": net, "optimizer": optimizer, "lr_scheduler": scheduler},
@@ -202,4 +205,70 @@ def test_leftovers_of_a_killed_write_are_removed_on_resume(tmp_path):
     leftover = tmp_path / "models" / ".last_checkpoint.pt.abc123.tmp.pt"
     leftover.write_bytes(b"half a checkpoint")
     _run(tmp_path, resume=True, max_epochs=1)
+    assert not leftover.exists()
+
+
+class _Weights(torch.nn.Module):
+    """A model whose state dict can be made unpicklable: ``torch.save`` then fails half-way through writing."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((64, 64), value))
+        self.break_pickling = False
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        if self.break_pickling:
+            state["unpicklable"] = lambda: None
+        return state
+
+
+def _validate(saver: AtomicCheckpointSaver, scores: list[float]) -> None:
+    """Run an engine for one epoch per score, its key metric ``val_mean_dice`` set to that score."""
+    engine = Engine(lambda e, batch: None)
+    engine.add_event_handler(Events.EPOCH_STARTED, lambda e: e.state.metrics.update(val_mean_dice=scores[e.state.epoch - 1]))
+    saver.attach(engine)
+    engine.run([0], max_epochs=len(scores))
+
+
+def _saver(tmp_path, net) -> AtomicCheckpointSaver:
+    return AtomicCheckpointSaver(
+        str(tmp_path / "models"), {"model": net}, save_key_metric=True, key_metric_filename="model.pt",
+        key_metric_name="val_mean_dice",
+    )  # fmt: skip
+
+
+def test_a_best_model_write_that_fails_half_way_keeps_the_previous_model(tmp_path):
+    net = _Weights(1.0)
+    saver = _saver(tmp_path, net)
+    _validate(saver, [0.5])
+    model = tmp_path / "models" / "model.pt"
+    assert torch.load(model, weights_only=True)["w"][0, 0] == 1.0
+    with torch.no_grad():
+        net.w.fill_(2.0)
+    net.break_pickling = True  # the next, better epoch fails inside torch.save, as a kill there would stop it
+    with pytest.raises(Exception, match="(?i)pickle|lambda"):
+        _validate(saver, [0.5, 0.9])
+    assert torch.load(model, weights_only=True)["w"][0, 0] == 1.0  # the previous best, whole
+    assert sorted(p.name for p in model.parent.iterdir()) == ["model.pt"]  # and no half-written file beside it
+
+
+def test_a_missing_best_model_is_written_again_not_an_error(tmp_path):
+    """A resumed run whose model.pt is gone (MONAI's saver deletes it before writing the next) saves the next best."""
+    net = _Weights(1.0)
+    saver = _saver(tmp_path, net)
+    _validate(saver, [0.5])
+    state = saver._key_metric_checkpoint.state_dict()  # what TrainingCheckpoint saves and restores on resume
+    (tmp_path / "models" / "model.pt").unlink()
+    resumed = _saver(tmp_path, net)
+    resumed.load_state_dict(state)
+    _validate(resumed, [0.9])
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_leftovers_of_a_killed_best_model_write_are_removed(tmp_path):
+    (tmp_path / "models").mkdir()
+    leftover = tmp_path / "models" / ".model.pt.abc123.tmp.pt"
+    leftover.write_bytes(b"half a model")
+    _saver(tmp_path, _Weights(1.0))
     assert not leftover.exists()
