@@ -21,13 +21,14 @@ from PIL import Image
 from custom_nets.data.atomic_write import atomic_path
 from custom_nets.data.brats import BraTSCaseError, ConvertBraTSLabelsToRegionsd, brats_datalist
 from custom_nets.data.hc18 import IMAGE_FOLDER, HC18DataError, write_datalist
-from custom_nets.data.image2d import check_image_2d
+from custom_nets.data.image2d import Image2DReader, check_image_2d
 from custom_nets.data.synthetic_brats import make_synthetic_brats
 from custom_nets.data.synthetic_dicom import write_dicom_series
 from custom_nets.data.synthetic_hc18 import generate
 from custom_nets.data.volume_io import VolumeInputError, list_volume_inputs, read_volume
 from custom_nets.engines.folder_inference import FolderInference, check_output_dir, list_images
 from custom_nets.errors import InputError
+from custom_nets.metrics.head_circumference import HeadCircumference
 from image_files import write_dicom_2d, write_nifti_2d, write_png
 
 RNG = np.random.default_rng(0)
@@ -96,6 +97,32 @@ def _text_with_image_name(folder: Path) -> Path:
     return folder / "notes.png"
 
 
+def _palette_dicom_without_table(folder: Path) -> Path:
+    return write_dicom_2d(folder / "palette.dcm", PICTURE, photometric="PALETTE COLOR", colour_table=False)
+
+
+def _nifti_scale_overflow(folder: Path) -> Path:
+    data = np.zeros((48, 64), np.float32)
+    data[10:30, 20:40] = 255
+    image = nib.Nifti1Image(data, np.diag([0.2, 0.2, 1.0, 1.0]))
+    image.header.set_slope_inter(1e38, 0.0)  # 255 x 1e38 is finite in float64, infinite in float32
+    nib.save(image, folder / "slope.nii.gz")
+    return folder / "slope.nii.gz"
+
+
+def _float_range_overflow(folder: Path) -> Path:
+    image = np.where(PICTURE > 127, 3e38, -3e38).astype(np.float32)  # each value fits float32, their range does not
+    Image.fromarray(image).save(folder / "range.tif")
+    return folder / "range.tif"
+
+
+def _nifti_nan_pixel_size(folder: Path) -> Path:
+    image = nib.Nifti1Image(PICTURE.astype(np.float32), None)
+    image.header.set_zooms((float("nan"), 0.2))
+    nib.save(image, folder / "nan_pixdim.nii.gz")
+    return folder / "nan_pixdim.nii.gz"
+
+
 @pytest.mark.parametrize(
     "make, phrase",
     [
@@ -109,9 +136,16 @@ def _text_with_image_name(folder: Path) -> Path:
         (_palette_png, "palette (indexed-colour) image"),
         (_multipage_tiff, "2 frames or pages in one file"),
         (lambda folder: folder / "missing.png", "no such file"),
+        (_palette_dicom_without_table, "PALETTE COLOR DICOM without its colour table"),
+        (lambda folder: write_png(folder / "dot.png", PICTURE[:1, :1]), "image of 1x1 pixels is too small (at least 16 pixels a side)"),
+        (lambda folder: write_png(folder / "strip.png", np.zeros((1, 4000))), "image of 1x4000 pixels is too small"),
+        (_nifti_scale_overflow, "pixel values from 0 to 2.55e+40 overflow the 32-bit floats"),
+        (_float_range_overflow, "pixel values from -3e+38 to 3e+38 overflow the 32-bit floats"),
+        (_nifti_nan_pixel_size, "the NIfTI header's geometry (pixdim, qform or sform) is NaN or infinite"),
     ],
     ids=["truncated-png", "corrupt-png", "text-named-png", "corrupt-dicom", "3d-to-2d-bundle", "nan", "inf",
-         "palette", "multi-page", "missing"],  # fmt: skip
+         "palette", "multi-page", "missing", "palette-dicom-without-table", "1x1", "1x4000-strip", "scl-slope-overflow",
+         "float32-range-overflow", "nan-pixdim"],  # fmt: skip
 )
 def test_bad_2d_image_is_one_line_naming_the_file(tmp_path, make, phrase):
     path = make(tmp_path)
@@ -140,6 +174,66 @@ def _pil(path: Path, image: Image.Image) -> Path:
 def test_usable_2d_image_passes_the_check(tmp_path, make):
     path = make(tmp_path)
     assert check_image_2d(path) == path
+
+
+# pixel pairs along a row share one colour, so YBR_FULL_422 (one Cb/Cr pair per two pixels) loses nothing
+COLOUR = np.repeat((RNG.random((48, 32, 3)) * 255).astype(np.uint8), 2, axis=1)
+
+
+@pytest.mark.parametrize(
+    "photometric, planar, tolerance",
+    [("RGB", 0, 0), ("RGB", 1, 0), ("YBR_FULL", 0, 1), ("YBR_FULL_422", 0, 1), ("PALETTE COLOR", 0, 0), ("MONOCHROME1", 0, 0)],
+    ids=["rgb", "rgb-planar-1", "ybr-full", "ybr-full-422", "palette-with-table", "monochrome1"],
+)
+def test_ultrasound_dicom_reads_as_the_png_of_its_picture(tmp_path, photometric, planar, tolerance):
+    """What the 2D bundle's LoadImaged reads from each DICOM export: the PNG of the same picture, pixel size in the affine."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+    picture = COLOUR if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") else PICTURE
+    dicom = write_dicom_2d(tmp_path / "us.dcm", picture, pixel_spacing=(0.2, 0.3), photometric=photometric, planar_configuration=planar)
+    assert check_image_2d(dicom) == dicom
+    load = Compose([LoadImaged("image", reader=Image2DReader()), EnsureChannelFirstd("image")])
+    image, expected = (load({"image": str(p)})["image"] for p in (dicom, write_png(tmp_path / "us.png", picture)))
+    assert image.shape[-1] == 1  # one slice, as ITK's reader gave a DICOM (the bundle drops the axis)
+    image = image[..., 0]
+    assert image.shape[1:] == expected.shape[1:] == (64, 48)  # MONAI's 2D (x = column, y = row)
+    gray, expected_gray = image[:3].mean(0), expected[:3].mean(0)  # as the bundle turns colour into gray
+    assert float((gray - expected_gray).abs().max()) <= tolerance
+    assert np.allclose(np.abs(np.diag(np.asarray(image.meta["affine"]))[:2]), (0.3, 0.2))  # x = column spacing
+
+
+def _zero_pixdim_nifti(path: Path) -> Path:
+    image = nib.Nifti1Image(PICTURE.astype(np.float32), None)
+    image.header.set_zooms((0.0, 0.0))  # stored as 0; nibabel reads it back as 1 mm
+    nib.save(image, path)
+    return path
+
+
+def test_nifti_pixel_size_0_gets_no_head_circumference(tmp_path):
+    """nibabel reads pixdim 0 as 1 mm: the HC is refused with a note, never guessed; a pixel-size CSV row still measures it."""
+    from monai.transforms import EnsureChannelFirst, LoadImage
+
+    path = _zero_pixdim_nifti(tmp_path / "zero.nii.gz")
+    image = EnsureChannelFirst()(LoadImage(image_only=True)(str(path)))
+    pred = torch.zeros_like(image)
+    pred[:, 10:38, 12:50] = 1
+    row = HeadCircumference()({"image": image, "pred": pred})
+    assert row["hc_mm"] is None and row["pixel_size_mm"] is None
+    assert row["hc_note"].startswith("invalid pixel size 0 x 0 mm in the NIfTI header (pixdim)"), row
+    measured = HeadCircumference(pixel_sizes={"zero.nii.gz": 0.1})({"image": image, "pred": pred})
+    assert measured["pixel_size_mm"] == pytest.approx(0.1) and measured["hc_mm"] > 0
+
+
+def test_dicom_without_pixel_size_gets_no_head_circumference(tmp_path):
+    """Its affine says 1 mm (MONAI's readers put 1 mm there): the header decides, and it has no pixel size."""
+    from monai.transforms import EnsureChannelFirst, LoadImage
+
+    path = write_dicom_2d(tmp_path / "us.dcm", PICTURE)
+    image = EnsureChannelFirst()(LoadImage(image_only=True)(str(path)))[..., 0]
+    pred = torch.zeros_like(image)
+    pred[:, 10:50, 12:38] = 1
+    row = HeadCircumference()({"image": image, "pred": pred})
+    assert row["hc_mm"] is None and row["hc_note"].startswith("no pixel size"), row
 
 
 # ----- 3D volumes (brain MRI and lung CT bundles): custom_nets.data.volume_io.read_volume ---------------

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import torch
 from PIL import Image
@@ -24,7 +25,7 @@ from PIL import Image
 from custom_nets import AdaptiveCENet
 from custom_nets.data.synthetic_brats import make_synthetic_brats
 from custom_nets.data.synthetic_dicom import write_dicom_series
-from image_files import write_nifti_2d, write_png
+from image_files import write_dicom_2d, write_nifti_2d, write_png
 from test_bad_inputs import read_only_dir  # noqa: F401  (a fixture, used by name)
 
 pytestmark = pytest.mark.slow
@@ -117,6 +118,58 @@ def test_fetal_head_batch_with_bad_images(root, hc18_model):
     assert not np.asarray(Image.open(outputs / "blank_mask.png")).any()
     assert "skipped 2 entry(ies) that are not images: .DS_Store, notes.txt" in result.stdout
     assert Image.open(outputs / "Patiënt scan 01_mask.png").size == (64, 48)
+
+
+def test_fetal_head_batch_with_ultrasound_dicom_exports_and_odd_images(root, hc18_model):
+    """
+    Colour and palette DICOM exports are read like the PNG of their picture; a palette DICOM without its table
+    (GDCM aborts the process on it), degenerate sizes and values beyond float32 fail alone; pixdim 0 gets no HC.
+    """
+    inputs, outputs = root / "us in", root / "us out"
+    inputs.mkdir()
+    colour = np.repeat((RNG.random((48, 32, 3)) * 255).astype(np.uint8), 2, axis=1)  # pixel pairs share a colour (422)
+    write_png(inputs / "colour.png", colour)
+    exports = {"rgb.dcm": ("RGB", 0), "rgb planar.dcm": ("RGB", 1), "ybr_full.dcm": ("YBR_FULL", 0), "ybr_full_422.dcm": ("YBR_FULL_422", 0)}
+    for name, (photometric, planar) in exports.items():
+        write_dicom_2d(inputs / name, colour, pixel_spacing=(0.2, 0.3), photometric=photometric, planar_configuration=planar)
+    for name, photometric in {"palette.dcm": "PALETTE COLOR", "monochrome1.dcm": "MONOCHROME1"}.items():
+        write_dicom_2d(inputs / name, PICTURE, pixel_spacing=(0.2, 0.3), photometric=photometric)
+    write_dicom_2d(inputs / "palette_no_table.dcm", PICTURE, pixel_spacing=(0.2, 0.3), photometric="PALETTE COLOR", colour_table=False)
+    write_png(inputs / "dot.png", PICTURE[:1, :1])
+    write_png(inputs / "strip.png", np.zeros((1, 4000)))
+    head = np.zeros((48, 64), np.float32)
+    head[10:30, 20:40] = 255
+    slope = nib.Nifti1Image(head, np.diag([0.2, 0.2, 1.0, 1.0]))
+    slope.header.set_slope_inter(1e38, 0.0)  # 255 x 1e38: finite in float64, infinite in float32
+    nib.save(slope, inputs / "slope.nii.gz")
+    zero = nib.Nifti1Image(PICTURE.astype(np.float32), None)
+    zero.header.set_zooms((0.0, 0.0))  # stored as 0, read by nibabel as 1 mm
+    nib.save(zero, inputs / "zero_pixdim.nii.gz")
+
+    result = _infer("fetal_head_us_segmentation", inputs, outputs, hc18_model, "--image_size", "64")
+
+    masks = {name: name.replace(".dcm", "_mask.dcm") for name in [*exports, "palette.dcm", "monochrome1.dcm"]}
+    _check_batch(
+        result, outputs, "head_circumference.csv",
+        expected={
+            "palette_no_table.dcm": "PALETTE COLOR DICOM without its colour table",
+            "dot.png": "image of 1x1 pixels is too small (at least 16 pixels a side)",
+            "strip.png": "image of 1x4000 pixels is too small",
+            "slope.nii.gz": "pixel values from 0 to 2.55e+40 overflow the 32-bit floats",
+        },
+        outputs_of_good={**masks, "colour.png": "colour_mask.png", "zero_pixdim.nii.gz": "zero_pixdim_mask.nii.gz"},
+    )  # fmt: skip
+    assert "Traceback" not in result.stdout + result.stderr and "terminate called" not in result.stderr
+    for name, mask in masks.items():
+        ds = pydicom.dcmread(outputs / mask)
+        assert (ds.Rows, ds.Columns) == (48, 64) and [float(v) for v in ds.PixelSpacing] == pytest.approx([0.2, 0.3]), name
+    expected = np.asarray(Image.open(outputs / "colour_mask.png")) // 255  # what the PNG of the same picture gives
+    for name in ("rgb.dcm", "rgb planar.dcm"):
+        assert np.array_equal(pydicom.dcmread(outputs / masks[name]).pixel_array, expected), name
+    rows = _status(outputs / "head_circumference.csv")
+    assert rows["zero_pixdim.nii.gz"]["hc_mm"] == "" and rows["zero_pixdim.nii.gz"]["pixel_size_mm"] == ""
+    assert rows["zero_pixdim.nii.gz"]["hc_note"].startswith("invalid pixel size 0 x 0 mm in the NIfTI header (pixdim)")
+    assert float(rows["rgb.dcm"]["pixel_size_mm"]) == pytest.approx(np.sqrt(0.2 * 0.3))
 
 
 @pytest.mark.parametrize("where", ["parent-is-a-file", "read-only"])

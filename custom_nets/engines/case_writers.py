@@ -11,11 +11,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.data.image_writer import resolve_writer
 from monai.transforms import EnsureChannelFirst, LoadImage
 from PIL import Image
 
 from custom_nets.data.atomic_write import atomic_path
+from custom_nets.data.image2d import Image2DReader
 
 __all__ = ["OUTPUT_SUFFIX", "split_suffix", "MaskWriter", "OverlayWriter"]
 
@@ -57,6 +59,20 @@ def _source_path(case: Mapping[str, Any], key: str) -> str:
     if not path:
         raise ValueError(f"cannot name the output: '{key}' has no filename_or_obj in its metadata")
     return str(path)
+
+
+def _pixel_spacing_as_read(path: str | os.PathLike) -> None:
+    """
+    Give a DICOM written by ITK its pixel size as ``PixelSpacing``, the tag DICOM readers (ours included) read.
+    GDCM stores a secondary capture's pixel size as ``NominalScannedPixelSpacing`` unless an ITK DICOM read
+    earlier in the process has switched its global ForcePixelSpacing on: the tag must not depend on that.
+    """
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    if "PixelSpacing" not in ds and "NominalScannedPixelSpacing" in ds:
+        ds.PixelSpacing = ds.NominalScannedPixelSpacing
+        ds.save_as(path)
 
 
 class MaskWriter:
@@ -102,17 +118,22 @@ class MaskWriter:
         source = _source_path(case, self.image_key)
         stem, suffix = split_suffix(source)
         out_suffix = self.output_suffix or OUTPUT_SUFFIX.get(suffix, ".nii.gz")
-        labels = torch.as_tensor(pred).detach().cpu()
+        meta = dict(getattr(pred, "meta", {}) or {})
+        # the writer squeezes the one label channel away: its data must say "no channel", not the colour input's
+        # "channel last", or MONAI's resampler takes a 2D mask for a 1D image (TypeError in fall_back_tuple)
+        labels = MetaTensor(torch.as_tensor(pred).detach().cpu(), meta={**meta, "original_channel_dim": "no_channel"})
         if out_suffix == ".png":
             if labels.numel() and float(labels.max()) * self.png_scale > 255:
                 raise ValueError(f"label values up to {float(labels.max()):g} times png_scale {self.png_scale} exceed 255")
             labels = labels * self.png_scale
         writer = resolve_writer(out_suffix.lstrip("."))[0](output_dtype=np.uint8)
         writer.set_data_array(labels.to(torch.uint8), channel_dim=0)
-        writer.set_metadata(dict(getattr(pred, "meta", {}) or {}), resample=False)
+        writer.set_metadata(meta, resample=False)
         path = self._names.claim(os.path.join(self.output_dir, f"{stem}{self.postfix}{out_suffix}"), source)
         with atomic_path(path) as tmp:
             writer.write(tmp)
+            if out_suffix == ".dcm":
+                _pixel_spacing_as_read(tmp)
         return {"mask": os.path.basename(path)}
 
 
@@ -148,7 +169,7 @@ class OverlayWriter:
         self.postfix = postfix
         self.color = np.asarray(color, dtype=np.float32)
         self.alpha = float(alpha)
-        self._load = LoadImage(image_only=True)
+        self._load = LoadImage(image_only=True, reader=Image2DReader())  # DICOM as the 2D bundles read it
         self._names = _OutputNames()
         self._channel_first = EnsureChannelFirst()
 

@@ -3,9 +3,10 @@ Stream mode: the fetal-head bundle over an ultrasound cine loop, frame by frame,
 circumference (mm) of every frame, per-frame latency and frames/s.
 
 Sources (:func:`open_source`): a folder of frames in order (PNG/JPEG, natural sort: ``frame_2`` before
-``frame_10``), a multi-frame DICOM (gray, RGB, YBR_FULL, YBR_FULL_422; colour is converted to RGB by
-pydicom, then to one gray channel by the bundle's own preprocessing), or a video file (mp4/avi/mov/mkv;
-needs PyAV, ``pip install 'custom_nets[video]'``).
+``frame_10``), a multi-frame DICOM (gray, RGB, YBR_FULL, YBR_FULL_422, PALETTE COLOR with its table;
+decoded as the folder inference decodes a single-frame one, :func:`custom_nets.data.image2d.decode_dicom_frame`:
+colour to RGB by pydicom, then to one gray channel by the bundle's own preprocessing), or a video file
+(mp4/avi/mov/mkv; needs PyAV, ``pip install 'custom_nets[video]'``).
 
 One source of truth: :class:`StreamInference` builds the bundle's ``preprocessing``, ``fast_network``,
 ``inferer``, ``postprocessing`` and ``head_circumference`` from its ``configs/inference.json`` with
@@ -48,7 +49,8 @@ from monai.transforms import LoadImaged
 from PIL import Image, ImageDraw
 
 from custom_nets.data.atomic_write import atomic_path, write_csv_atomic, write_json_atomic
-from custom_nets.data.image2d import _PIL_MODES  # the picture modes the 2D bundles accept: one list for folder and stream
+# the picture modes and DICOM decoding of the 2D bundles: one definition for folder and stream
+from custom_nets.data.image2d import _PIL_MODES, check_dicom_photometric, decode_dicom_frame, dicom_pixel_size
 from custom_nets.engines.folder_inference import check_output_dir, one_line_error
 from custom_nets.errors import InputError, describe_error, input_error_in
 
@@ -172,16 +174,6 @@ class FolderSource(FrameSource):
             yield Frame(index, picture, time_s)
 
 
-def _dicom_spacing(ds: Any, path: Path) -> tuple[float, float] | None:
-    """(x, y) pixel size in mm: PixelSpacing (row, column) or, for ultrasound, the first region's calibration."""
-    from custom_nets.metrics.head_circumference import _dicom_ultrasound_spacing
-
-    if "PixelSpacing" in ds:
-        row, column = (float(v) for v in ds.PixelSpacing)
-        return (column, row) if row > 0 and column > 0 else None
-    return _dicom_ultrasound_spacing(os.fspath(path))
-
-
 def _dicom_times(ds: Any, count: int) -> tuple[list[float] | None, float | None]:
     """Per-frame times in s and the frame rate from FrameTimeVector, FrameTime or CineRate (None when absent)."""
     if "FrameTimeVector" in ds and len(ds.FrameTimeVector) == count:
@@ -209,9 +201,10 @@ def _array_to_picture(array: np.ndarray, what: str) -> Image.Image:
 
 class DicomSource(FrameSource):
     """
-    The frames of a (multi-frame) DICOM: gray, RGB, YBR_FULL or YBR_FULL_422, colour converted to RGB by
-    pydicom. Frame times from FrameTimeVector / FrameTime / CineRate; pixel size from PixelSpacing or the
-    ultrasound region calibration.
+    The frames of a (multi-frame) DICOM, decoded by :func:`custom_nets.data.image2d.decode_dicom_frame`:
+    gray (MONOCHROME1 inverted), RGB, YBR_FULL or YBR_FULL_422 and PALETTE COLOR (with its table)
+    converted to RGB by pydicom. Frame times from FrameTimeVector / FrameTime / CineRate; pixel size from
+    PixelSpacing or the ultrasound region calibration.
 
     Example::
 
@@ -228,26 +221,21 @@ class DicomSource(FrameSource):
             ds = pydicom.dcmread(self.path, stop_before_pixels=True)
         except Exception as e:  # pydicom raises many types for damaged files
             raise InputError(f"{self.path}: cannot read the DICOM header ({describe_error(e)})") from None
-        photometric = str(ds.get("PhotometricInterpretation", ""))
-        if photometric not in ("MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422"):  # MONOCHROME1 would need inverting
-            raise InputError(
-                f"{self.path}: photometric interpretation {photometric or 'missing'} is not supported (gray, RGB, YBR_FULL, YBR_FULL_422)"
-            )
+        check_dicom_photometric(ds, self.path)  # before any decoder sees the pixel data
+        self.header = ds
         self.num_frames = int(ds.get("NumberOfFrames", 1) or 1)
-        self.spacing_mm = _dicom_spacing(ds, self.path)
+        self.spacing_mm = dicom_pixel_size(ds)
         self.no_spacing_reason = "the DICOM has neither PixelSpacing nor an ultrasound region calibration in mm"
         self.times, self.fps = _dicom_times(ds, self.num_frames)
 
     def __iter__(self) -> Iterator[Frame]:
-        from pydicom.pixels import pixel_array
-
         # one frame at a time, so a damaged frame fails alone (pydicom 3.0's iter_pixels also misreads
         # native multi-frame YBR_FULL_422); colour comes out as RGB (pydicom's own YBR conversion)
         with open(self.path, "rb") as f:
             for index in range(self.num_frames):
                 time_s = self.times[index] if self.times else None
                 try:
-                    picture = _array_to_picture(pixel_array(f, index=index), f"{self.path} frame {index}")
+                    picture = _array_to_picture(decode_dicom_frame(f, self.header, index), f"{self.path} frame {index}")
                 except InputError as e:
                     yield Frame(index, None, time_s, str(e))
                     continue

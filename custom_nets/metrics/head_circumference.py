@@ -216,44 +216,49 @@ def head_circumference_mm(
 
 # Image formats whose files carry the pixel size (MONAI readers put it into the affine).
 _GEOMETRY_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".dicom", ".nrrd", ".mha", ".mhd")
+_NO_PIXEL_SIZE = "no pixel size: the image file carries none and no pixel-size CSV row names it"
 
 
 def _spacing_from_image(meta: Mapping[str, Any], filename: str) -> tuple[float, float] | None:
     """Pixel size along array axes 0 and 1 from the image file's own geometry, or None (PNG/JPEG carry none)."""
     name = filename.lower()
-    if not name.endswith(_GEOMETRY_SUFFIXES):
+    if not name.endswith(_GEOMETRY_SUFFIXES) or _invalid_nifti_pixel_size(filename):
         return None
-    if name.endswith((".dcm", ".dicom")):
-        region = _dicom_ultrasound_spacing(filename)
-        if region is not None:
-            return region
+    if name.endswith((".dcm", ".dicom")):  # the header: a DICOM without a pixel size gets 1 mm in the affine
+        import pydicom
+
+        from custom_nets.data.image2d import dicom_pixel_size
+
+        try:
+            return dicom_pixel_size(pydicom.dcmread(filename, stop_before_pixels=True))
+        except Exception:  # unreadable headers are reported by the image reader, not here
+            return None
     affine = meta.get("original_affine", meta.get("affine"))
     if affine is None:
         return None
     affine = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
     spacing = np.sqrt((affine[:-1, :2] ** 2).sum(axis=0))
-    return (float(spacing[0]), float(spacing[1])) if np.all(spacing > 0) else None
+    return (float(spacing[0]), float(spacing[1])) if np.all(np.isfinite(spacing) & (spacing > 0)) else None
 
 
-def _dicom_ultrasound_spacing(path: str) -> tuple[float, float] | None:
+def _invalid_nifti_pixel_size(path: str) -> str | None:
     """
-    Pixel size of an ultrasound DICOM without ``PixelSpacing``: the calibration of its first ultrasound
-    region (``PhysicalDeltaX/Y`` in cm when the units code is 3), as (x = columns, y = rows) in mm, which
-    is MONAI's array axis order for 2D DICOM. None when the file has ``PixelSpacing`` or no calibration.
+    Why the pixel size a NIfTI header stores (pixdim) is unusable, or None (and None for other files).
+    nibabel reads a stored 0 as 1 mm and builds the affine with it, so the header's own bytes decide.
     """
-    import pydicom
+    import nibabel as nib
 
+    if not path.lower().endswith((".nii", ".nii.gz")):
+        return None
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except Exception:  # unreadable headers are reported by the image reader, not here
+        header_class = type(nib.load(path).header)  # NIfTI-1 or NIfTI-2
+        with nib.openers.ImageOpener(path) as f:
+            x, y = (float(v) for v in header_class.from_fileobj(f, check=False)["pixdim"][1:3])
+    except Exception:  # unreadable files are reported by the image check, not here
         return None
-    if "PixelSpacing" in ds or "SequenceOfUltrasoundRegions" not in ds or not ds.SequenceOfUltrasoundRegions:
+    if math.isfinite(x) and math.isfinite(y) and x != 0 and y != 0:
         return None
-    region = ds.SequenceOfUltrasoundRegions[0]
-    if getattr(region, "PhysicalUnitsXDirection", None) != 3 or getattr(region, "PhysicalUnitsYDirection", None) != 3:
-        return None
-    dx, dy = abs(float(region.PhysicalDeltaX)) * 10.0, abs(float(region.PhysicalDeltaY)) * 10.0
-    return (dx, dy) if dx > 0 and dy > 0 else None
+    return f"invalid pixel size {x:g} x {y:g} mm in the NIfTI header (pixdim): not measured; give it in a pixel-size CSV"
 
 
 class HeadCircumference:
@@ -267,9 +272,10 @@ class HeadCircumference:
     The pixel size is taken, in this order, from the case's ``pixel_size_key`` (an HC18 datalist
     item), from ``pixel_sizes`` by image file name (an HC18 CSV read with
     :func:`custom_nets.data.hc18.read_pixel_sizes`), then from the image file's own geometry (NIfTI
-    header, DICOM ``PixelSpacing`` or ultrasound region calibration). Without any, the HC is left empty. Every case gets an ``hc_note``:
-    empty when ``hc_mm`` holds a value, else one line saying why not (no pixel size, an empty mask, no
-    ellipse fits).
+    header, DICOM ``PixelSpacing`` or ultrasound region calibration). Without any, the HC is left empty,
+    as with an invalid one (a NIfTI pixdim of 0, which nibabel would read as 1 mm): never guessed. Every
+    case gets an ``hc_note``: empty when ``hc_mm`` holds a value, else one line saying why not (no or an
+    invalid pixel size, an empty mask, no ellipse fits).
 
     Args:
         pred_key: key of the prediction: one-hot ``(C, H, W)`` (channel ``foreground_channel`` is the
@@ -333,7 +339,7 @@ class HeadCircumference:
         spacing = self.spacing(case)
         hc, note = None, ""
         if spacing is None:
-            note = "no pixel size: the image file carries none and no pixel-size CSV row names it"
+            note = _invalid_nifti_pixel_size(str(self._meta(case).get("filename_or_obj", ""))) or _NO_PIXEL_SIZE
         elif not mask.any():
             note = "empty mask: no head was segmented"
         else:
