@@ -202,6 +202,29 @@ def test_ultrasound_dicom_reads_as_the_png_of_its_picture(tmp_path, photometric,
     assert np.allclose(np.abs(np.diag(np.asarray(image.meta["affine"]))[:2]), (0.3, 0.2))  # x = column spacing
 
 
+def _jpeg_with_orientation(path: Path, picture: np.ndarray, orientation: int) -> Path:
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # EXIF Orientation
+    Image.fromarray(picture).save(path, exif=exif, quality=95)
+    return path
+
+
+@pytest.mark.parametrize(
+    "orientation, displayed",
+    [(6, lambda a: np.rot90(a, -1)), (8, lambda a: np.rot90(a, 1)), (3, lambda a: np.rot90(a, 2)), (2, np.fliplr)],
+    ids=["6-rotate-90-cw", "8-rotate-90-ccw", "3-rotate-180", "2-mirror"],
+)
+def test_jpeg_exif_orientation_reads_as_displayed(tmp_path, orientation, displayed):
+    """A JPEG stored sideways with an EXIF orientation tag is read as a viewer shows it, not as stored."""
+    from monai.transforms import LoadImage
+
+    jpeg = _jpeg_with_orientation(tmp_path / "phone.jpg", PICTURE, orientation)
+    assert check_image_2d(jpeg) == jpeg
+    stored = np.asarray(Image.open(jpeg))  # the decoded pixels in stored order
+    image = LoadImage(image_only=True, reader=Image2DReader())(str(jpeg))
+    np.testing.assert_array_equal(np.asarray(image).T, displayed(stored))  # MONAI's 2D arrays are (x, y)
+
+
 def _zero_pixdim_nifti(path: Path) -> Path:
     image = nib.Nifti1Image(PICTURE.astype(np.float32), None)
     image.header.set_zooms((0.0, 0.0))  # stored as 0; nibabel reads it back as 1 mm
@@ -361,6 +384,22 @@ def _itk_write(path: Path) -> Path:
     return path
 
 
+@pytest.mark.parametrize("suffix", [".mhd", ".mha"])
+@pytest.mark.parametrize("absolute", [False, True], ids=["dot-dot", "absolute"])
+def test_metaimage_data_file_outside_its_folder_is_refused(tmp_path, suffix, absolute):
+    """A header from elsewhere must not make the bundle read a file outside the input folder (path escape)."""
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(np.ascontiguousarray(VOLUME.T).tobytes())  # readable data: only the path is wrong
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    data_file = str(secret) if absolute else "../secret.raw"
+    header = inputs / f"scan{suffix}"
+    header.write_text(f"ObjectType = Image\nNDims = 3\nDimSize = 16 16 6\nElementType = MET_FLOAT\nElementDataFile = {data_file}\n")
+    with pytest.raises(VolumeInputError) as info:
+        read_volume(header)
+    _one_line_naming(str(info.value), f"scan{suffix}", f"points to data file {data_file} outside its folder")
+
+
 def test_channels_on_different_grids_are_refused(tmp_path):
     flair = _nifti(tmp_path / "flair.nii.gz")
     shifted = AFFINE.copy()
@@ -492,7 +531,7 @@ class _CountingNet(torch.nn.Module):
         return torch.cat([0.5 - x, x - 0.5], dim=1) * 20
 
 
-def _png_runner(inputs: Path, out: Path, network=None, case_outputs=None) -> FolderInference:
+def _png_runner(inputs: Path, out: Path, network=None, case_outputs=None, input_dir=None) -> FolderInference:
     from monai.transforms import AsDiscreted, Compose, EnsureChannelFirstd, LoadImaged, ScaleIntensityd
 
     from custom_nets.engines.case_writers import MaskWriter
@@ -506,6 +545,7 @@ def _png_runner(inputs: Path, out: Path, network=None, case_outputs=None) -> Fol
         results_csv=out / "results.csv",
         input_check=check_image_2d,
         exit_code_on_failure=None,
+        input_dir=input_dir,
     )
 
 
@@ -571,6 +611,20 @@ def test_read_only_output_folder_stops_before_the_first_case(png_inputs, read_on
         _png_runner(png_inputs, read_only_dir, network=net).run()
     _one_line_naming(str(info.value), str(read_only_dir), "output folder is not writable")
     assert net.calls == 0 and not any(read_only_dir.iterdir())
+
+
+@pytest.mark.parametrize("inside", ["", "masks", "masks/run 2"], ids=["same-folder", "inside", "nested"])
+def test_output_folder_in_the_input_folder_stops_before_the_first_case(png_inputs, inside):
+    out = png_inputs / inside if inside else png_inputs
+    net = _CountingNet()
+    with pytest.raises(InputError) as info:
+        _png_runner(png_inputs, out, network=net, input_dir=png_inputs).run()
+    _one_line_naming(str(info.value), str(out), "is the input folder" if not inside else f"is inside the input folder {png_inputs}")
+    assert net.calls == 0 and sorted(p.name for p in png_inputs.iterdir()) == ["a.png", "b.png"]
+
+
+def test_output_folder_beside_the_input_folder_is_accepted(png_inputs, tmp_path):
+    assert check_output_dir(tmp_path / "in masks", input_dir=png_inputs) == tmp_path / "in masks"
 
 
 def test_check_output_dir_creates_a_missing_folder_with_spaces_and_non_ascii(tmp_path):

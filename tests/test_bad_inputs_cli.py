@@ -172,6 +172,23 @@ def test_fetal_head_batch_with_ultrasound_dicom_exports_and_odd_images(root, hc1
     assert float(rows["rgb.dcm"]["pixel_size_mm"]) == pytest.approx(np.sqrt(0.2 * 0.3))
 
 
+def test_fetal_head_jpeg_with_exif_orientation_is_segmented_as_displayed(root, hc18_model):
+    """A JPEG stored sideways (EXIF orientation 6) gets the mask of its displayed picture, in the displayed orientation."""
+    inputs, outputs = root / "hc18 in exif", root / "hc18 out exif"
+    inputs.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF Orientation: shown turned 90 degrees clockwise
+    Image.fromarray(PICTURE).save(inputs / "phone.jpg", exif=exif, quality=95)
+    write_png(inputs / "displayed.png", np.rot90(np.asarray(Image.open(inputs / "phone.jpg")), -1))  # what a viewer shows
+
+    result = _infer("fetal_head_us_segmentation", inputs, outputs, hc18_model, "--image_size", "64")
+
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    mask, expected = (np.asarray(Image.open(outputs / name)) for name in ("phone_mask.png", "displayed_mask.png"))
+    assert mask.shape == (64, 48)  # displayed: 48 wide, 64 high; stored it is 64 wide, 48 high
+    np.testing.assert_array_equal(mask, expected)
+
+
 @pytest.mark.parametrize("where", ["parent-is-a-file", "read-only"])
 def test_unwritable_output_folder_fails_before_any_case(root, hc18_model, where, request):
     inputs = root / f"hc18 in {where}"
@@ -187,6 +204,33 @@ def test_unwritable_output_folder_fails_before_any_case(root, hc18_model, where,
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(f"ERROR: {outputs}: {phrase}")
     assert "Traceback" not in result.stderr and "[1/1]" not in result.stdout  # no case was processed
+
+
+@pytest.mark.parametrize(
+    "bundle, channels, inside",
+    [("fetal_head_us_segmentation", 1, ""), ("lung_nodule_ct_segmentation", 1, "masks"), ("brain_tumor_mri_segmentation", 4, "masks")],
+    ids=["fetal-head-same-folder", "lung-ct-inside", "brain-mri-inside"],
+)
+def test_output_folder_in_the_input_folder_fails_before_any_case(root, bundle, channels, inside):
+    """A second run into its own input folder would read the first run's masks as inputs (``*_mask_mask.png``)."""
+    inputs = root / f"in place {bundle}"
+    if bundle == "brain_tumor_mri_segmentation":
+        make_synthetic_brats(str(inputs), num_cases=1, shape=(16, 16, 8), seed=5)
+    elif bundle == "fetal_head_us_segmentation":
+        inputs.mkdir()
+        write_png(inputs / "001_HC.png", PICTURE)
+    else:
+        inputs.mkdir()
+        nib.save(nib.Nifti1Image(CT, CT_AFFINE), inputs / "ct.nii.gz")
+    before = sorted(p.name for p in inputs.rglob("*"))
+    outputs = inputs / inside if inside else inputs
+    model = _random_model(root / f"{bundle}.pt", in_channels=channels, out_channels=3 if channels == 4 else 2)
+    result = _infer(bundle, inputs, outputs, model, "--image_size", "64" if "fetal" in bundle else "[32,32]")
+    assert result.returncode == 1
+    where = "is the input folder" if not inside else f"is inside the input folder {inputs}"
+    assert result.stderr.strip().splitlines()[-1].startswith(f"ERROR: {outputs}: output folder {where}"), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "[1/1]" not in result.stdout  # no case was processed
+    assert sorted(p.name for p in inputs.rglob("*")) == before  # nothing written, no folder created
 
 
 # ----- lung CT (3D volumes, DICOM) -----------------------------------------------------------------------

@@ -263,6 +263,9 @@ class Image2DReader(ImageReader):
     (:func:`decode_dicom_frame`: gray, or RGB from colour and palette data), every other file through the
     reader MONAI itself picks by suffix (``PILReader``, ``NibabelReader``, ``ITKReader`` for TIFF).
 
+    A picture with an EXIF orientation tag (e.g. 6: stored sideways, shown turned 90 degrees) comes out as it
+    is displayed (PIL's ``ImageOps.exif_transpose``); masks of it are written in that displayed orientation.
+
     A DICOM comes out as ITK's reader gave it before: one slice ``(x = column, y = row, 1)``, colour last,
     its pixel size (:func:`dicom_pixel_size`) in an affine in RAS (1 mm when it has none: the head
     circumference takes the pixel size from the header, never from this affine).
@@ -291,7 +294,14 @@ class Image2DReader(ImageReader):
         path = Path(os.fspath(data if isinstance(data, (str, os.PathLike)) else data[0]))
         if not path.name.lower().endswith(DICOM_SUFFIXES):
             reader = next(r for r in self.monai_readers if r.verify_suffix(data))  # ITKReader takes any file
-            return reader.get_data(reader.read(data, **kwargs))
+            from PIL import Image, ImageOps
+
+            image = reader.read(data, **kwargs)
+            if isinstance(image, Image.Image):
+                # a camera or phone JPEG is often stored sideways with an EXIF orientation tag: segment the
+                # picture as it is displayed, so that the mask (written without the tag) overlays what one sees
+                ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of a picture without the tag
+            return reader.get_data(image)
         ds, array = _read_dicom_2d(path)
         x, y = dicom_pixel_size(ds) or (1.0, 1.0)
         # laid out as ITK's reader gave a DICOM: one slice (x = column, y = row, 1), LPS turned into RAS;

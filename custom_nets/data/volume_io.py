@@ -272,17 +272,20 @@ def _short_dicom_slices(files: Sequence[str]) -> list[str]:
 
 def check_metaimage(path: str | os.PathLike) -> None:
     """
-    Check that a MetaImage header (``.mhd``) names a data file that exists and is long enough.
+    Check that a MetaImage header (``.mhd``, or a ``.mha`` that names a separate data file) names a data
+    file inside its own folder that exists and is long enough.
 
-    ``.mha`` files (header and data in one) and data kept ``LOCAL`` or as a file ``LIST`` are only
-    checked for existence of the header.
+    ``.mha`` files with their data inside (``LOCAL``) and data kept as a file ``LIST`` are only checked
+    for existence of the header.
 
     Raises:
-        VolumeInputError: the data file is missing or shorter than the header's size needs.
+        VolumeInputError: the data file lies outside the header's folder (``../secret.raw``, an absolute
+            path), is missing, or is shorter than the header's size needs.
     """
     path = Path(path)
     case = case_name(path)
-    if path.suffix.lower() != ".mhd":
+    suffix = path.suffix.lower()
+    if suffix not in (".mhd", ".mha"):
         return
     fields: dict[str, str] = {}
     try:
@@ -291,13 +294,23 @@ def check_metaimage(path: str | os.PathLike) -> None:
                 key, sep, value = line.partition("=")
                 if sep:
                     fields[key.strip()] = value.strip()
+                if key.strip() == "ElementDataFile":
+                    break  # the last header field; in a .mha the binary data follow
     except OSError as e:
         raise _fail(case, f"cannot read MetaImage header {path}: {e.strerror}") from None
-    data_file = fields.get("ElementDataFile")
+    data_file = fields.get("ElementDataFile", "")
+    if data_file.upper() == "LOCAL" or (suffix == ".mha" and not data_file):
+        return  # data inside the header file
     if not data_file:
         raise _fail(case, f"MetaImage header {path.name} has no ElementDataFile entry")
-    if data_file.upper() == "LOCAL" or data_file.upper().startswith("LIST") or " " in data_file:
-        return  # data inside the header file, or a list/pattern of files: left to ITK
+    # ITK opens whatever path a header names: a header from elsewhere must not make the bundle read (and
+    # write a mask of) a file outside the input folder, e.g. "../secret.raw" or "/home/x/scan.raw"
+    folder = os.path.abspath(path.parent)
+    if os.path.commonpath([folder, os.path.abspath(os.path.join(folder, data_file))]) != folder:
+        raise _fail(case, f"MetaImage header {path.name} points to data file {data_file} outside its folder {path.parent}; "
+                          "refused: put the data file beside the header")  # fmt: skip
+    if data_file.upper().startswith("LIST") or " " in data_file:
+        return  # a list or pattern of files: left to ITK
     data_path = path.parent / data_file
     if not data_path.is_file():
         raise _fail(case, f"MetaImage header {path.name} points to data file {data_file}, which does not exist")

@@ -75,22 +75,31 @@ def list_images(
     return files
 
 
-def check_output_dir(output_dir: str | os.PathLike) -> Path:
+def check_output_dir(output_dir: str | os.PathLike, input_dir: str | os.PathLike | None = None) -> Path:
     """
     Make sure ``output_dir`` exists (created with its parents when missing) and that a file can be
-    created in it, by creating and removing an empty temporary file; return it.
+    created in it, by creating and removing an empty temporary file; return it. With ``input_dir``,
+    an output folder that is the input folder or lies inside it is refused first, before anything is
+    created: the next run would read this run's masks as inputs (``a_mask.png`` -> ``a_mask_mask.png``).
 
     A batch calls this before its first case, so a read-only, full or mistyped output location stops
     the run at once with one line instead of failing every case after the work is done.
 
     Raises:
-        InputError: one line naming the folder and why it cannot be written.
+        InputError: one line naming the folder and why it cannot be written or used.
 
     Example::
 
         check_output_dir("/data/out")  # PosixPath('/data/out')
+        check_output_dir("/data/in/masks", input_dir="/data/in")  # InputError: /data/in/masks: output folder is inside ...
     """
     folder = Path(output_dir)
+    if input_dir is not None:
+        # resolved: a symbolic link or "in/../in" must not hide that the two are one folder
+        inputs, resolved = Path(input_dir).resolve(), folder.resolve()
+        if resolved == inputs or inputs in resolved.parents:
+            where = "is the input folder" if resolved == inputs else f"is inside the input folder {input_dir}"
+            raise InputError(f"{folder}: output folder {where}: a later run would read its masks as inputs; choose another folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write_check.", dir=folder)
@@ -154,8 +163,8 @@ class FolderInference:
     with that code (so a pipeline notices) without a traceback.
 
     Before the first case, ``output_dir`` is checked (:func:`check_output_dir`): an output folder that
-    cannot be written stops the run with one :class:`InputError` line. ``input_check`` (e.g.
-    :func:`custom_nets.data.image2d.check_image_2d`) runs on each input path before the transforms,
+    cannot be written, or that is ``input_dir`` or inside it, stops the run with one :class:`InputError`
+    line. ``input_check`` (e.g. :func:`custom_nets.data.image2d.check_image_2d`) runs on each input path before the transforms,
     so a broken or unsuitable file fails with a message that names the problem. An input that is
     constant after pre-processing (a blank frame, a volume entirely outside the intensity window)
     holds nothing to segment: with ``empty_mask_for_constant_input`` its label map is set to 0
@@ -177,6 +186,7 @@ class FolderInference:
         exit_code_on_failure: exit code when a case failed (``None``: just return the report).
         output_dir: folder the outputs go to, checked before the first case (``None``: the folder of
             ``results_csv`` when given).
+        input_dir: the folder the inputs were listed from; ``output_dir`` may not be it or lie inside it.
         input_check: callable ``path -> None`` that raises an :class:`InputError` for an unusable input.
         empty_mask_for_constant_input: write an empty mask for a constant input instead of the network's
             answer (label 0 must be background, as in every bundle of this project).
@@ -214,6 +224,7 @@ class FolderInference:
         exit_code_on_failure: int | None = 1,
         name: str = "FolderInference",
         output_dir: str | os.PathLike | None = None,
+        input_dir: str | os.PathLike | None = None,
         input_check: Callable[[str], Any] | None = None,
         empty_mask_for_constant_input: bool = True,
         prefetch: int = 2,
@@ -234,6 +245,7 @@ class FolderInference:
         if output_dir is None and results_csv is not None:
             output_dir = Path(results_csv).parent
         self.output_dir = output_dir
+        self.input_dir = input_dir
         self.input_check = input_check
         self.empty_mask_for_constant_input = empty_mask_for_constant_input
         self.prefetch = int(prefetch)
@@ -340,7 +352,7 @@ class FolderInference:
     def run(self) -> list[dict[str, Any]]:
         """Infer every input; write the results table; exit with ``exit_code_on_failure`` when a case failed."""
         if self.output_dir is not None:
-            check_output_dir(self.output_dir)
+            check_output_dir(self.output_dir, self.input_dir)
         self.network.eval()
         self.stage_seconds = {}
         rows: list[dict[str, Any]] = []
