@@ -1,4 +1,4 @@
-"""Epoch-wise linear ramp of the boundary-loss weight (SPEC, "Hybrid loss"): an Ignite handler and a pure function."""
+"""Epoch-wise linear ramp of the boundary-loss weight (docs/design.md, "Loss"): an Ignite handler and a pure function."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Dice + boundary loss (SPEC, "Hybrid loss"): region overlap from Dice, contours from Kervadec's boundary loss."""
+"""Dice + boundary loss (docs/design.md, "Loss"): region overlap from Dice, contours from Kervadec's boundary loss."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ __all__ = ["AdaptiveAtrousConv"]
 
 class AdaptiveAtrousConv(nn.Module):
     """
-    Adaptive Atrous Convolution of seed 000 (section IV-B-a), on the deepest encoder features.
+    Adaptive Atrous Convolution (docs/design.md, "The network"), on the deepest encoder features.
 
     A bank of 3x3 convolutions at several dilation rates sees the same (channel-reduced) features; their
     outputs are mixed as ``F = sum_i softmax(a)_i * Conv_i(x)`` with the mixing logits ``a`` learned, so the

@@ -14,7 +14,7 @@ __all__ = ["AttentionRMP"]
 
 class AttentionRMP(nn.Module):
     """
-    Attention RMP of seed 000 (section IV-B-b), CE-Net's residual multi-kernel pooling plus scale attention.
+    Attention RMP (docs/design.md, "The network"), CE-Net's residual multi-kernel pooling plus scale attention.
 
     The input is max-pooled with kernel = stride = each of ``pool_sizes``; every pooled map goes through its
     own 1x1 convolution to one channel and is upsampled back to the input grid. A small MLP on the globally

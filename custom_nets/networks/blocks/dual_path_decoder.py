@@ -15,7 +15,7 @@ __all__ = ["DualPathDecoder"]
 
 class DualPathDecoder(nn.Module):
     """
-    Dual-path feature decoder of seed 000 (section IV-C).
+    Dual-path feature decoder (docs/design.md, "The network").
 
     - Global path: the context features are reduced to ``global_channels`` and brought up by transposed
       convolutions (stride 2 each) to the grid of the last skip, keeping the overall structure.

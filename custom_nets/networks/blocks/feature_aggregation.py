@@ -14,7 +14,7 @@ __all__ = ["FeatureAggregation"]
 
 class FeatureAggregation(nn.Module):
     """
-    Feature aggregation layer of seed 000 (section IV-D).
+    Feature aggregation layer (docs/design.md, "The network").
 
     Every encoder stage is projected by a 1x1 convolution to ``out_channels`` (at its own resolution, where
     it is cheapest), resized to the grid of ``target`` and summed; the sum is normalised. The caller adds the

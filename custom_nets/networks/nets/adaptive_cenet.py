@@ -1,4 +1,4 @@
-"""AdaptiveCENet: the seed network of this project (seed 000, section IV)."""
+"""AdaptiveCENet: the project's network (docs/design.md, "The network")."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ __all__ = ["AdaptiveCENet"]
 class AdaptiveCENet(nn.Module):
     """
     Context-encoder network with adaptive atrous convolution, attention RMP, feature aggregation and a
-    dual-path decoder (seed 000; ``SPEC.md``, "The network").
+    dual-path decoder (``docs/design.md``, "The network").
 
     Data flow (strides relative to the input)::
 
