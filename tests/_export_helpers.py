@@ -28,18 +28,18 @@ BUNDLES_DIR = REPO_ROOT / "bundles"
 # bundle outputs of earlier runs that a copy must not drag along (large, and not part of the bundle)
 _NOT_COPIED = shutil.ignore_patterns("models", "eval", "data", "mlruns", "__pycache__", "*.pyc")
 
-_BLOCKER = '''"""Installed by the export tests: make `import custom_nets` fail, as at a site without the research code."""
+_BLOCKER = '''"""Installed by a test: make `import {package}` fail, as in an install without it."""
 import sys
 
 
-class _NoCustomNets:
+class _Blocked:
     def find_spec(self, name, path=None, target=None):
-        if name == "custom_nets" or name.startswith("custom_nets."):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked: hand-off test)", name=name)
+        if name == "{package}" or name.startswith("{package}."):
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by test)", name=name)
         return None
 
 
-sys.meta_path.insert(0, _NoCustomNets())
+sys.meta_path.insert(0, _Blocked())
 '''
 
 
@@ -222,8 +222,13 @@ def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def env_without_custom_nets(folder: Path) -> dict[str, str]:
     """Environment variables for a Python in which ``import custom_nets`` raises ``ModuleNotFoundError``."""
+    return env_without(folder, "custom_nets")
+
+
+def env_without(folder: Path, package: str) -> dict[str, str]:
+    """Environment variables for a Python in which ``import <package>`` raises ``ModuleNotFoundError``."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(_BLOCKER)
+    (folder / "sitecustomize.py").write_text(_BLOCKER.format(package=package))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(folder)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env

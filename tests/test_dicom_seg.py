@@ -25,7 +25,7 @@ import pydicom
 import pytest
 import torch
 
-from _export_helpers import BUNDLES_DIR, copy_bundle, write_initial_checkpoint
+from _export_helpers import BUNDLES_DIR, copy_bundle, env_without, write_initial_checkpoint
 from custom_nets.data.synthetic_dicom import make_synthetic_dicom_series, write_dicom_series
 from custom_nets.data.volume_io import dicom_series_files, read_volume
 from custom_nets.errors import InputError
@@ -40,19 +40,6 @@ TINY = ["--image_size", "[64,64]", "--num_workers", "0"]
 SYNTHETIC_IDENTIFIERS = ("Synthetic^Phantom", "SYNTH-0001")  # written into every slice by synthetic_dicom
 REAL_IDENTIFIERS = ("ACRIN-FLT-Breast_001",)  # the real series' PatientName / PatientID (pseudonymised by TCIA)
 
-_NO_HIGHDICOM = '''"""Installed by test_dicom_seg: make `import highdicom` fail, as in an install without the [dicom] extra."""
-import sys
-
-
-class _NoHighdicom:
-    def find_spec(self, name, path=None, target=None):
-        if name == "highdicom" or name.startswith("highdicom."):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked by test)", name=name)
-        return None
-
-
-sys.meta_path.insert(0, _NoHighdicom())
-'''
 
 
 def _bundle_cli(bundle: Path, inputs: Path, outputs: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -275,10 +262,7 @@ def test_cli_writes_a_seg_per_dicom_series_equal_to_its_nifti_mask(bundle, real_
 
 @pytest.mark.slow
 def test_cli_without_highdicom_stops_in_one_line_naming_the_extra(bundle, tmp_path):
-    blocker = tmp_path / "site"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(_NO_HIGHDICOM)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
+    env = env_without(tmp_path / "site", "highdicom")
     inputs = tmp_path / "in"
     write_dicom_series(np.zeros((8, 8, 3), dtype=np.int16), inputs / "series")
 

@@ -96,6 +96,15 @@ def _input_shape(path: Path) -> tuple[int, ...]:
     return _read_mask(path).shape[:2] if path.suffix == ".png" else _read_mask(path).shape
 
 
+def _mask_pairs(case, inputs: list[Path], dir_a: Path, dir_b: Path):
+    """Per input: its name, its image file, and the masks two runs wrote for it in ``dir_a`` and ``dir_b``."""
+    for image in inputs:
+        name = image.name[: -len(".nii.gz")] if image.name.endswith(".nii.gz") else image.stem
+        if image.is_dir():  # a case folder of sequence files (BraTS): its mask goes by the folder's name
+            image = sorted(image.glob("*.nii.gz"))[0]
+        yield (name, image, *(_read_mask(d / f"{name}{case.mask_postfix}{case.mask_suffix}") for d in (dir_a, dir_b)))
+
+
 @handoff_cases
 def test_model_ts_embeds_metadata_and_inference_config(case, exported):
     bundle = exported(case)
@@ -127,11 +136,7 @@ def test_inference_from_model_ts_without_custom_nets_equals_eager(case, exported
          "--input_dir", str(tmp_path / "inputs"), "--output_dir", str(ts_dir)], cwd=bundle, env=blocked,
     ))  # fmt: skip
 
-    for image in inputs:
-        name = image.name[: -len(".nii.gz")] if image.name.endswith(".nii.gz") else image.stem
-        if image.is_dir():  # a case folder of sequence files (BraTS): its mask goes by the folder's name
-            image = sorted(image.glob("*.nii.gz"))[0]
-        eager, scripted = (_read_mask(d / f"{name}{case.mask_postfix}{case.mask_suffix}") for d in (eager_dir, ts_dir))
+    for name, image, eager, scripted in _mask_pairs(case, inputs, eager_dir, ts_dir):
         assert scripted.shape == eager.shape
         assert scripted.shape[: len(_input_shape(image))] == _input_shape(image)
         assert set(np.unique(scripted).tolist()) <= case.mask_values
@@ -256,9 +261,7 @@ def test_handoff_int8_runs_without_custom_nets_and_equals_the_research_int8_path
          "--config_file", "['configs/inference.json','configs/inference_int8.json']",
          "--input_dir", str(tmp_path / "inputs"), "--output_dir", str(handoff_dir)], cwd=out, env=blocked,
     ))  # fmt: skip
-    for image in inputs:
-        name = image.name[: -len(".nii.gz")] if image.name.endswith(".nii.gz") else image.stem
-        ours, theirs = (_read_mask(d / f"{name}{case.mask_postfix}{case.mask_suffix}") for d in (research_dir, handoff_dir))
+    for name, _, ours, theirs in _mask_pairs(case, inputs, research_dir, handoff_dir):
         assert theirs.shape == ours.shape
         differ = float(np.mean(theirs != ours))
         assert differ <= 1e-4, f"{name}: {differ:.2e} of the voxels differ"

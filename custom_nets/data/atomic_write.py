@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "write_csv_atomic", "write_json_atomic", "write_text_atomic"]
+__all__ = ["atomic_path", "remove_leftovers", "write_csv_atomic", "write_json_atomic", "write_text_atomic"]
 
 
 def _umask() -> int:
@@ -57,6 +57,17 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_leftovers(folder: str | os.PathLike, name: str = "*") -> None:
+    """
+    Delete the temporary files that :func:`atomic_path` writes of ``name`` (a file name or a glob) in ``folder``
+    and that a kill before its rename left behind; a missing folder is fine.
+    """
+    folder = Path(folder)
+    if folder.is_dir():
+        for leftover in folder.glob(f".{name}.*.tmp*"):
+            leftover.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

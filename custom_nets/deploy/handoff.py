@@ -36,7 +36,7 @@ import torch
 from monai.bundle import ConfigParser, verify_net_in_out
 
 from custom_nets.deploy import onnx_network
-from custom_nets.deploy.quantize import INT8_MODEL, sha256_of
+from custom_nets.deploy.quantize import INT8_MODEL
 
 __all__ = ["HandoffError", "INT8_CONFIG", "RESEARCH_PACKAGE", "TS_CONFIG", "merged_ts_config", "export_handoff"]
 
@@ -144,11 +144,9 @@ def _int8_model(bundle: Path, int8: bool | None) -> Path | None:
     elif not ckpt.is_file():
         problem = f"{ckpt}: not found; the INT8 model is only handed off beside the model.pt it was made from"
     else:
-        from custom_nets.engines.fast_path import int8_source_checkpoint
+        from custom_nets.engines.fast_path import int8_made_from
 
-        problem = None
-        if int8_source_checkpoint(path) != sha256_of(ckpt):
-            problem = f"{path}: not made from {ckpt} (retrained since?); re-run `custom_nets.deploy quantize`"
+        problem = None if int8_made_from(path, ckpt) else f"{path}: not made from {ckpt} (retrained since?); re-run `custom_nets.deploy quantize`"
     if problem and int8:
         raise HandoffError(problem)
     if problem:

@@ -47,6 +47,7 @@ __all__ = [
     "cpu_info",
     "native_bf16",
     "bf16_problem",
+    "int8_made_from",
     "choose_precision",
     "FastForward",
     "fast_network",
@@ -155,6 +156,13 @@ def int8_source_checkpoint(int8_model: str | os.PathLike) -> str | None:
     return next((p.value for p in model.metadata_props if p.key == "custom_nets.source_checkpoint_sha256"), None)
 
 
+def int8_made_from(int8_model: str | os.PathLike, checkpoint: str | os.PathLike) -> bool:
+    """Whether ``int8_model`` was made from this ``checkpoint``: the SHA-256 it records equals the file's."""
+    from custom_nets.deploy.quantize import sha256_of
+
+    return int8_source_checkpoint(int8_model) == sha256_of(checkpoint)
+
+
 def _int8_problem(
     int8_model: str | os.PathLike | None, device: torch.device, checkpoint: str | os.PathLike | None = None
 ) -> str | None:
@@ -168,11 +176,8 @@ def _int8_problem(
         return "no INT8 model configured (int8_model)"
     if not Path(int8_model).is_file():
         return f"{int8_model} not found; make it with `python -m custom_nets.deploy quantize <bundle> --calibration_dir <images>`"
-    if checkpoint and Path(checkpoint).is_file():
-        from custom_nets.deploy.quantize import sha256_of
-
-        if int8_source_checkpoint(int8_model) != sha256_of(checkpoint):
-            return f"{int8_model} was not made from {checkpoint} (retrained since?); re-run `custom_nets.deploy quantize`"
+    if checkpoint and Path(checkpoint).is_file() and not int8_made_from(int8_model, checkpoint):
+        return f"{int8_model} was not made from {checkpoint} (retrained since?); re-run `custom_nets.deploy quantize`"
     return None
 
 

@@ -10,7 +10,7 @@ import torch
 from monai.handlers import CheckpointSaver
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from custom_nets.data.atomic_write import atomic_path
+from custom_nets.data.atomic_write import atomic_path, remove_leftovers
 
 DiskSaver, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "DiskSaver", as_type="base")
 idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
@@ -28,8 +28,7 @@ class _AtomicDiskSaver(DiskSaver):
         super().__init__(dirname=dirname, require_empty=False, atomic=False)
         self.filename = filename
         if idist.get_rank() == self.save_on_rank:  # what a kill during an earlier save left behind
-            for leftover in Path(self.dirname).glob(".*.tmp*"):
-                leftover.unlink(missing_ok=True)
+            remove_leftovers(self.dirname)
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         if idist.get_rank() == self.save_on_rank:

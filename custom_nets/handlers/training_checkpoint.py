@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from custom_nets.data.atomic_write import atomic_path
+from custom_nets.data.atomic_write import atomic_path, remove_leftovers
 from custom_nets.errors import InputError, describe_error
 from custom_nets.networks.utils import load_checkpoint
 from custom_nets.tracking.params import find_attached
@@ -258,9 +258,8 @@ class TrainingCheckpoint:
 
     def _remove_partial_writes(self) -> None:
         """Delete temporary files a kill during :meth:`save` left beside the checkpoint."""
-        if idist.get_rank() == 0 and self.checkpoint_file.parent.is_dir():
-            for leftover in self.checkpoint_file.parent.glob(f".{self.checkpoint_file.name}.*.tmp*"):
-                leftover.unlink(missing_ok=True)
+        if idist.get_rank() == 0:
+            remove_leftovers(self.checkpoint_file.parent, self.checkpoint_file.name)
 
     # --- SIGTERM --------------------------------------------------------------------------------
 
