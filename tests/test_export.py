@@ -117,8 +117,9 @@ def test_model_ts_embeds_metadata_and_inference_config(case, exported):
 
 @handoff_cases
 def test_inference_from_model_ts_without_custom_nets_equals_eager(case, exported, tmp_path, request):
-    """The documented TorchScript-only command, in a Python that cannot import custom_nets, writes the eager masks."""
+    """The hand-off's TorchScript-only command, in a Python that cannot import custom_nets, writes the eager masks."""
     bundle = exported(case)
+    handoff = export_handoff(bundle, tmp_path / "handoff" / case.name, int8=False)
     inputs = sample_inputs(case, tmp_path / "inputs", request)
     blocked = env_without_custom_nets(tmp_path / "block")
     probe = run_cli([sys.executable, "-c", "import custom_nets"], cwd=tmp_path, env=blocked)
@@ -131,9 +132,8 @@ def test_inference_from_model_ts_without_custom_nets_equals_eager(case, exported
          "--postprocess", "none"], cwd=bundle,  # the hand-off has no research post-processing (ellipse fit)
     ))  # fmt: skip
     check(run_cli(
-        [sys.executable, "-m", "monai.bundle", "run", "inference",
-         "--config_file", "['configs/inference.json','configs/inference_ts.json']",
-         "--input_dir", str(tmp_path / "inputs"), "--output_dir", str(ts_dir)], cwd=bundle, env=blocked,
+        [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json",
+         "--input_dir", str(tmp_path / "inputs"), "--output_dir", str(ts_dir)], cwd=handoff, env=blocked,
     ))  # fmt: skip
 
     for name, image, eager, scripted in _mask_pairs(case, inputs, eager_dir, ts_dir):
@@ -152,6 +152,11 @@ def test_handoff_bundle_needs_no_custom_nets(case, exported, tmp_path):
     assert "custom_nets" not in config_text
     assert sorted(p.name for p in (out / "models").iterdir()) == ["model.ts"]
     assert not (out / "configs" / "train.json").exists()
+    # research modules that need no custom_nets travel as scripts/ (the fetal bundle's resize)
+    scripts = sorted(p.name for p in (out / "scripts").glob("*.py")) if (out / "scripts").is_dir() else []
+    assert scripts == (["__init__.py", "antialiased_resize.py"] if case.name == "fetal_head_us_segmentation" else [])
+    for path in (out / "scripts").glob("*.py"):
+        assert "from custom_nets" not in path.read_text() and "import custom_nets" not in path.read_text()
     extra = {"metadata.json": "", "inference.json": ""}
     torch.jit.load(str(out / "models" / "model.ts"), map_location="cpu", _extra_files=extra)
     assert json.loads(extra["inference.json"]) == json.loads(config_text)
@@ -274,4 +279,4 @@ def test_handoff_int8_runs_without_custom_nets_and_equals_the_research_int8_path
     assert not (tmp_path / "refused").exists()
     out = export_handoff(bundle, tmp_path / "handoff")
     assert sorted(p.name for p in (out / "models").iterdir()) == ["model.ts"]
-    assert not (out / "scripts").exists() and not (out / "configs" / "inference_int8.json").exists()
+    assert not (out / "scripts" / "onnx_network.py").exists() and not (out / "configs" / "inference_int8.json").exists()

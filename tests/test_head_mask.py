@@ -79,3 +79,47 @@ def test_an_empty_mask_stays_empty_and_a_bad_mode_is_refused():
     assert torch.equal(head_mask(empty, "ellipse"), empty)
     with pytest.raises(ValueError, match="postprocess must be one of ellipse, largest, none"):
         HeadMaskd("pred", mode="circle")
+
+
+@pytest.mark.parametrize("spacing", [0.12, (0.12, 0.09)])
+def test_head_circumference_measures_the_recorded_ellipse_as_a_refit_would(spacing):
+    """HeadMaskd records its ellipse; HeadCircumference measures it instead of fitting the filled mask again."""
+    from custom_nets.metrics.head_circumference import ELLIPSE_META_KEY, HeadCircumference
+
+    mask = torch.as_tensor(_damaged_mask(2), dtype=torch.float32)
+    pred = HeadMaskd("pred", mode="ellipse")({"pred": MetaTensor(mask[None], meta={"filename_or_obj": "a.png"})})["pred"]
+    recorded = Ellipse(*pred.meta[ELLIPSE_META_KEY])
+    assert np.array_equal(recorded.to_mask(SHAPE), pred[0].numpy() > 0)
+    refit = head_circumference_mm(pred[0].numpy(), spacing, 1.4)
+    measured = head_circumference_mm(pred[0].numpy(), spacing, 1.4, pixel_ellipse=recorded)
+    assert measured == pytest.approx(refit, abs=0.05)  # mm: the refit sees the rasterised contour
+    pixel = spacing if isinstance(spacing, float) else spacing[0]
+    columns = HeadCircumference(pixel_size_key="pixel")({"pred": pred, "pixel": pixel})
+    assert columns["hc_mm"] == pytest.approx(head_circumference_mm(pred[0].numpy(), pixel, 0.0, pixel_ellipse=recorded))
+
+
+def test_a_mask_changed_after_the_fit_is_measured_not_its_stale_ellipse():
+    from custom_nets.metrics.head_circumference import HeadCircumference
+
+    pred = HeadMaskd("pred", mode="ellipse")({"pred": MetaTensor(torch.as_tensor(_damaged_mask(0), dtype=torch.float32)[None])})["pred"]
+    emptied = pred.clone().zero_()  # what the runner does for a constant input: the metadata stays
+    assert HeadCircumference(pixel_size_key="pixel")({"pred": emptied, "pixel": 0.1})["hc_note"] == "empty mask: no head was segmented"
+    halved = pred.clone()
+    halved[:, :, SHAPE[1] // 2 :] = 0
+    hc = HeadCircumference(pixel_size_key="pixel")({"pred": halved, "pixel": 0.1})["hc_mm"]
+    assert hc == pytest.approx(head_circumference_mm(halved[0].numpy(), 0.1), rel=1e-6)
+    assert HeadMaskd("pred", mode="largest")({"pred": pred})["pred"].meta.get("head_ellipse") is None
+
+
+def test_a_stretched_ellipse_keeps_its_area_and_axes():
+    ellipse = Ellipse(10.0, 20.0, 8.0, 5.0, 0.3)
+    doubled = ellipse.scaled(2.0)
+    assert tuple(doubled[:4]) == pytest.approx((20.0, 40.0, 16.0, 10.0))
+    assert np.sin(doubled.angle - 0.3) == pytest.approx(0.0, abs=1e-12)  # an axis is a direction up to its sign
+    stretched = ellipse.scaled((0.5, 2.0))
+    assert stretched.semi_major * stretched.semi_minor == pytest.approx(8.0 * 5.0)  # area scales by 0.5 x 2
+    # the stretched ellipse holds the stretched points of the original
+    t = np.linspace(0, 2 * np.pi, 50)
+    cos, sin = np.cos(ellipse.angle), np.sin(ellipse.angle)
+    points = np.stack([10 + 8 * np.cos(t) * cos - 5 * np.sin(t) * sin, 20 + 8 * np.cos(t) * sin + 5 * np.sin(t) * cos], 1)
+    assert np.abs(stretched.radial_distance(points * [0.5, 2.0])).max() < 1e-9

@@ -36,9 +36,10 @@ import torch
 from monai.bundle import ConfigParser, verify_net_in_out
 
 from custom_nets.deploy import onnx_network
+from custom_nets.transforms import antialiased_resize
 from custom_nets.deploy.quantize import INT8_MODEL
 
-__all__ = ["HandoffError", "INT8_CONFIG", "RESEARCH_PACKAGE", "TS_CONFIG", "merged_ts_config", "export_handoff"]
+__all__ = ["HandoffError", "INT8_CONFIG", "PORTABLE_MODULES", "RESEARCH_PACKAGE", "TS_CONFIG", "merged_ts_config", "export_handoff"]
 
 #: The research package that the hand-off configs must not need.
 RESEARCH_PACKAGE = "custom_nets"
@@ -50,6 +51,9 @@ _INT8_OVERRIDE = {
     "int8_path": f"$@bundle_root + '/{INT8_MODEL}'",
     "network_def": {"_target_": "scripts.onnx_network.OnnxNetwork", "onnx_path": "@int8_path"},
 }
+#: Research modules that need only torch and MONAI: the hand-off carries each as ``scripts/<name>.py`` and its
+#: configs name it there (``custom_nets.transforms.antialiased_resize.X`` becomes ``scripts.antialiased_resize.X``).
+PORTABLE_MODULES = {module.__name__: module for module in (antialiased_resize, onnx_network)}
 #: Files copied into the hand-off bundle when present (training configs are left out: they need custom_nets).
 COPIED = ("configs/metadata.json", "configs/logging.conf", "docs", "LICENSE")
 #: The keys of ``network_data_format`` that a TorchScript export fixes.
@@ -61,6 +65,22 @@ logger = logging.getLogger(__name__)
 
 class HandoffError(ValueError):
     """A bundle that cannot be handed off: the message names the file and what is wrong."""
+
+
+def _script_name(module_name: str) -> str:
+    return "scripts." + module_name.rsplit(".", 1)[-1]
+
+
+def _portable(config: object) -> object:
+    """``config`` with every :data:`PORTABLE_MODULES` name replaced by its hand-off ``scripts.`` name."""
+    if isinstance(config, dict):
+        return {k: _portable(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [_portable(v) for v in config]
+    if isinstance(config, str):
+        for name in PORTABLE_MODULES:
+            config = config.replace(name + ".", _script_name(name) + ".")
+    return config
 
 
 def _research_refs(config: object, prefix: str = "") -> list[str]:
@@ -76,7 +96,8 @@ def merged_ts_config(bundle_dir: str | os.PathLike, extra_configs: tuple[str, ..
     """
     ``configs/inference.json``, then ``extra_configs`` (e.g. a data-layout override the model was trained
     and exported with, relative to the bundle), then ``configs/inference_ts.json``, merged by MONAI's
-    rules and checked to need no ``custom_nets``.
+    rules, with :data:`PORTABLE_MODULES` named as the hand-off's ``scripts/`` copies, and checked to need no
+    ``custom_nets``.
 
     Raises:
         HandoffError: a config file is missing, or the merged config still refers to ``custom_nets``.
@@ -86,7 +107,7 @@ def merged_ts_config(bundle_dir: str | os.PathLike, extra_configs: tuple[str, ..
     for f in files:
         if not f.is_file():
             raise HandoffError(f"{f}: not found; a hand-off needs the bundle's inference.json and its {TS_CONFIG}")
-    merged = ConfigParser.load_config_files([str(f) for f in files])
+    merged = _portable(ConfigParser.load_config_files([str(f) for f in files]))
     refs = _research_refs(merged)
     if refs:
         raise HandoffError(
@@ -174,8 +195,9 @@ def export_handoff(
     """
     Write a bundle that runs with MONAI alone: ``models/model.ts``, ``configs/metadata.json``,
     ``configs/inference.json`` (the merged TorchScript-only config, also embedded in ``model.ts``),
-    ``logging.conf``, ``docs/`` and ``LICENSE``; and the INT8 model with ``scripts/onnx_network.py`` and
-    ``configs/inference_int8.json`` when the bundle has one made from its ``model.pt``. The folder is built next to ``output_dir`` and moved
+    ``logging.conf``, ``docs/`` and ``LICENSE``; the INT8 model with ``configs/inference_int8.json`` when the
+    bundle has one made from its ``model.pt``; and ``scripts/`` with the :data:`PORTABLE_MODULES` the configs use
+    (``onnx_network.py`` for INT8, ``antialiased_resize.py`` for the fetal bundle's pre-processing). The folder is built next to ``output_dir`` and moved
     into place at the end, so a failed hand-off leaves an earlier one untouched.
 
     Args:
@@ -231,10 +253,14 @@ def export_handoff(
         )  # fmt: skip
         if int8_path is not None:
             shutil.copy2(int8_path, staging / INT8_MODEL)
-            (staging / "scripts").mkdir()
-            (staging / "scripts" / "__init__.py").write_text("")
-            shutil.copy2(onnx_network.__file__, staging / "scripts" / "onnx_network.py")
             (staging / "configs" / INT8_CONFIG).write_text(json.dumps(_INT8_OVERRIDE, indent=4) + "\n")
+        configs_text = "".join(p.read_text() for p in (staging / "configs").glob("*.json"))
+        for name, module in PORTABLE_MODULES.items():
+            if _script_name(name) + "." in configs_text:
+                (staging / "scripts").mkdir(exist_ok=True)
+                (staging / "scripts" / "__init__.py").write_text("")
+                shutil.copy2(module.__file__, staging / "scripts" / (name.rsplit(".", 1)[-1] + ".py"))
+        if int8_path is not None:
             _check_int8(staging / INT8_MODEL, meta_path, int8_path)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))

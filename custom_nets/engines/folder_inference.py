@@ -190,8 +190,13 @@ class FolderInference:
         input_check: callable ``path -> None`` that raises an :class:`InputError` for an unusable input.
         empty_mask_for_constant_input: write an empty mask for a constant input instead of the network's
             answer (label 0 must be background, as in every bundle of this project).
-        prefetch: read and pre-process up to this many inputs ahead in one thread, and run the case outputs
-            (measurements, writers) in another, while the network runs; 0 runs each case start to end.
+        prefetch: read and pre-process up to this many inputs ahead in one thread, and run post-processing
+            and the case outputs (measurements, writers) in another, while the network runs; 0 runs each
+            case start to end.
+        postprocess_behind: with ``prefetch``, post-process in the output thread, so the next case's network
+            overlaps it (2D images: the ellipse fit of one frame runs beside the network on the next). False
+            post-processes right after the network in the calling thread, holding one large volume's
+            arrays at a time.
 
     Returns from :meth:`run` the rows of the results table. At the end of a run the time per image of
     each stage (``check``, ``preprocess``, ``network``, ``postprocess``, each case output by class name)
@@ -228,6 +233,7 @@ class FolderInference:
         input_check: Callable[[str], Any] | None = None,
         empty_mask_for_constant_input: bool = True,
         prefetch: int = 2,
+        postprocess_behind: bool = True,
     ) -> None:
         self.inputs = [dict(i) if isinstance(i, Mapping) else {image_key: os.fspath(i)} for i in inputs]
         self.network = network
@@ -249,6 +255,7 @@ class FolderInference:
         self.input_check = input_check
         self.empty_mask_for_constant_input = empty_mask_for_constant_input
         self.prefetch = int(prefetch)
+        self.postprocess_behind = bool(postprocess_behind)
         self.stage_seconds: dict[str, float] = {}
         self.profile: dict[str, float] = {}
         self._timing_lock = threading.Lock()
@@ -276,36 +283,40 @@ class FolderInference:
         with torch.no_grad(), autocast:
             return self.inferer(image.as_subclass(torch.Tensor)[None].to(self.device), self.network)[0].float().cpu()
 
-    def _predict(self, item: dict[str, Any], case: dict[str, Any], constant: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Network and post-processing of one pre-processed case."""
+    def _predict(self, case: dict[str, Any]) -> dict[str, Any]:
+        """The network on one pre-processed case (the only stage in the calling thread when prefetching)."""
         image = case[self.image_key]
         pred = self._timed("network", self._forward, torch.as_tensor(image))
         meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
         case[self.pred_key] = MetaTensor(pred, meta=meta) if meta else pred
-        if self.postprocessing is not None:
-            case = self._timed("postprocess", self.postprocessing, case)
+        return case
+
+    def _postprocess(self, case: dict[str, Any]) -> dict[str, Any]:
+        return case if self.postprocessing is None else self._timed("postprocess", self.postprocessing, case)
+
+    def _finish(self, item: dict[str, Any], case: dict[str, Any], constant: bool, postprocessed: bool = False) -> dict[str, Any]:
+        """Post-processing (unless done) and the case outputs (measurements, writers) in order (in the output thread)."""
+        if not postprocessed:
+            case = self._postprocess(case)
         columns: dict[str, Any] = {}
         if constant:
             case[self.pred_key] = case[self.pred_key].clone().zero_()
             columns["note"] = "constant image: empty mask"
             self.logger.warning(f"{item[self.image_key]}: constant image after pre-processing, nothing to segment: empty mask")
-        return case, columns
-
-    def _outputs(self, case: dict[str, Any], columns: dict[str, Any]) -> dict[str, Any]:
-        """The case outputs (measurements, writers) in order (runs in the output thread)."""
         for output in self.case_outputs:
             columns.update(self._timed(_stage_name(output), output, case) or {})
         return columns
 
     def _infer_one(self, item: dict[str, Any]) -> dict[str, Any]:
         """One case, start to end, in the calling thread."""
-        case, columns = self._predict(item, *self._load(item))
-        return self._outputs(case, columns)
+        case, constant = self._load(item)
+        return self._finish(item, self._predict(case), constant)
 
     def _cases(self) -> Iterator[tuple[int, dict[str, Any], Future]]:
         """
         ``(index, item, future of the result columns)`` in input order. With ``prefetch``, the next inputs
-        are read and pre-processed in one thread and the outputs written in another while the network runs;
+        are read and pre-processed in one thread, and the predictions post-processed, measured and written in
+        another, while the network runs in the calling thread;
         at most ``prefetch`` cases wait on either side, which bounds the memory held.
         """
         if self.prefetch <= 0:
@@ -325,8 +336,11 @@ class FolderInference:
                 if index + self.prefetch <= len(self.inputs):
                     loads.append(loader.submit(self._load, self.inputs[index + self.prefetch - 1]))
                 try:
-                    case, columns = self._predict(item, *load.result())
-                    future = writer.submit(self._outputs, case, columns)
+                    case, constant = load.result()
+                    case = self._predict(case)
+                    if not self.postprocess_behind:
+                        case = self._postprocess(case)
+                    future = writer.submit(self._finish, item, case, constant, not self.postprocess_behind)
                 except Exception as e:
                     future = Future()
                     future.set_exception(e)

@@ -22,6 +22,7 @@ __all__ = [
     "fit_head_ellipse",
     "head_circumference_mm",
     "HeadCircumference",
+    "ELLIPSE_META_KEY",
 ]
 
 
@@ -48,6 +49,20 @@ class Ellipse(NamedTuple):
         u, v = d0 * cos + d1 * sin, -d0 * sin + d1 * cos
         r = np.sqrt((u / self.semi_major) ** 2 + (v / self.semi_minor) ** 2)
         return np.hypot(d0, d1) * (1.0 - 1.0 / np.maximum(r, 1e-12))
+
+    def scaled(self, spacing: float | Sequence[float]) -> Ellipse:
+        """
+        The same ellipse with array axes 0 and 1 stretched by ``spacing`` (e.g. pixels to mm): a stretched
+        ellipse is an ellipse, whose semi-axes are the singular values of the stretched axis vectors.
+        """
+        s0, s1 = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (2,))
+        cos, sin = math.cos(self.angle), math.sin(self.angle)
+        # columns: the semi-major and semi-minor axis vectors, stretched
+        axes = np.array([[s0 * self.semi_major * cos, -s0 * self.semi_minor * sin], [s1 * self.semi_major * sin, s1 * self.semi_minor * cos]])
+        u, singular, _ = np.linalg.svd(axes)
+        return Ellipse(
+            self.center_0 * s0, self.center_1 * s1, float(singular[0]), float(singular[1]), math.atan2(u[1, 0], u[0, 0])
+        )
 
     def to_mask(self, shape: Sequence[int]) -> np.ndarray:
         """A boolean ``shape`` array, True at the pixels whose centres lie inside the ellipse (pixel units)."""
@@ -190,12 +205,18 @@ def fit_head_ellipse(mask: np.ndarray | torch.Tensor, spacing: float | Sequence[
 
 
 def head_circumference_mm(
-    mask: np.ndarray | torch.Tensor, spacing: float | Sequence[float], contour_offset_px: float = 0.0
+    mask: np.ndarray | torch.Tensor,
+    spacing: float | Sequence[float],
+    contour_offset_px: float = 0.0,
+    pixel_ellipse: Ellipse | None = None,
 ) -> float:
     """
     Head circumference in mm of a 2D head ``mask`` with pixel size ``spacing`` (mm, per axis or one
     value): the perimeter of :func:`fit_head_ellipse`, its semi-axes first shortened by
     ``contour_offset_px`` pixels. NaN for an empty mask.
+
+    ``pixel_ellipse``, the ellipse (in pixels) that ``mask`` is the filled form of (what :class:`HeadMaskd`
+    fitted), is measured instead of fitting the mask's contour again; the caller checks that it is.
 
     ``contour_offset_px`` corrects for a labelling convention: HC18's reference ellipse is the centre
     line of the drawn outline, while a filled annotation (and a network trained on it) includes the
@@ -207,7 +228,7 @@ def head_circumference_mm(
         mask = np.zeros((100, 100)); rr, cc = skimage.draw.disk((50, 50), 20); mask[rr, cc] = 1
         head_circumference_mm(mask, 0.1)  # about 2 pi 20 * 0.1 = 12.6
     """
-    ellipse = fit_head_ellipse(mask, spacing)
+    ellipse = fit_head_ellipse(mask, spacing) if pixel_ellipse is None else pixel_ellipse.scaled(spacing)
     if ellipse is None:
         return float("nan")
     offset = contour_offset_px * float(np.sqrt(np.prod(np.broadcast_to(np.asarray(spacing, dtype=np.float64), (2,)))))
@@ -259,6 +280,23 @@ def _invalid_nifti_pixel_size(path: str) -> str | None:
     if math.isfinite(x) and math.isfinite(y) and x != 0 and y != 0:
         return None
     return f"invalid pixel size {x:g} x {y:g} mm in the NIfTI header (pixdim): not measured; give it in a pixel-size CSV"
+
+
+#: Metadata key of a head mask that :class:`custom_nets.transforms.HeadMaskd` replaced by a fitted ellipse:
+#: the ellipse's ``Ellipse`` fields in pixels.
+ELLIPSE_META_KEY = "head_ellipse"
+
+
+def _ellipse_of_mask(pred: Any, mask: np.ndarray) -> Ellipse | None:
+    """
+    The ellipse recorded in ``pred``'s metadata when ``mask`` is still exactly its filled form (a later
+    step may have changed the mask, e.g. emptied it for a constant input), else None: measure the mask.
+    """
+    fields = (getattr(pred, "meta", None) or {}).get(ELLIPSE_META_KEY)
+    if fields is None:
+        return None
+    ellipse = Ellipse(*(float(v) for v in torch.as_tensor(fields).reshape(-1).tolist()))
+    return ellipse if np.array_equal(ellipse.to_mask(mask.shape), mask) else None
 
 
 class HeadCircumference:
@@ -343,7 +381,8 @@ class HeadCircumference:
         elif not mask.any():
             note = "empty mask: no head was segmented"
         else:
-            hc = head_circumference_mm(mask.numpy(), spacing, self.contour_offset_px)
+            mask_np = mask.numpy()
+            hc = head_circumference_mm(mask_np, spacing, self.contour_offset_px, _ellipse_of_mask(case[self.pred_key], mask_np))
             if not math.isfinite(hc):
                 hc, note = None, "no ellipse fits the mask's contour"
         columns: dict[str, float | str | None] = {

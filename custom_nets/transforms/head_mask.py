@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scipy import ndimage
 
-from custom_nets.metrics.head_circumference import fit_head_ellipse
+from custom_nets.metrics.head_circumference import ELLIPSE_META_KEY, fit_head_ellipse
 
 __all__ = ["POSTPROCESS_MODES", "head_mask", "HeadMaskd"]
 
@@ -41,7 +42,8 @@ def head_mask(pred: torch.Tensor, mode: str = "ellipse", foreground_channel: int
     Args:
         pred: ``(1, H, W)`` binary mask (non-zero is the head) or ``(2, H, W)`` one-hot prediction.
         mode: one of :data:`POSTPROCESS_MODES`. An empty mask stays empty; a mask no ellipse fits
-            falls back to ``largest``.
+            falls back to ``largest``. The fitted ellipse (pixels) goes into a MetaTensor's
+            ``meta["head_ellipse"]``, so that the head circumference is measured on it, not refitted.
         foreground_channel: the head's channel of a one-hot prediction.
 
     Example::
@@ -60,6 +62,10 @@ def head_mask(pred: torch.Tensor, mode: str = "ellipse", foreground_channel: int
     region = ellipse.to_mask(mask.shape) if ellipse is not None else _largest_region(mask)
     head = torch.as_tensor(region, device=pred.device).to(pred.dtype)
     out = pred.clone()
+    if isinstance(out, MetaTensor):  # the ellipse, for HeadCircumference to measure instead of fitting it again
+        out.meta.pop(ELLIPSE_META_KEY, None)
+        if ellipse is not None:
+            out.meta[ELLIPSE_META_KEY] = list(ellipse)
     if one_hot:
         out[foreground_channel] = head
         out[1 - foreground_channel] = 1 - head
