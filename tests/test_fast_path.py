@@ -50,6 +50,23 @@ def test_auto_on_cpu_without_int8_model(tmp_path):
     assert capped.precision == "fp32" and "ONEDNN_MAX_CPU_ISA=AVX2" in capped.reason
 
 
+def test_auto_order_puts_bf16_first_for_a_bundle_that_asks(tmp_path):
+    """The CT bundle's order: bf16 before int8 (int8 misses its memory bound there); fp32 still ends it."""
+    order = ("bf16", "int8", "fp32")
+    assert choose_precision("auto", "cpu", tmp_path / "none.onnx", info=AMX_XEON, auto_order=order) == ("bf16", "CPU has AMX-BF16")
+    fallback = choose_precision("auto", "cpu", tmp_path / "none.onnx", info=AVX2_EPYC, auto_order=order)
+    assert fallback.precision == "fp32" and fallback.reason.index("no native bf16") < fallback.reason.index("none.onnx not found")
+    with pytest.raises(PrecisionUnavailableError, match="auto_order may hold int8, bf16 and fp32 only, got 'fp16'"):
+        choose_precision("auto", "cpu", None, info=AMX_XEON, auto_order=("fp16",))
+
+
+def test_the_ct_bundle_prefers_bf16(repo_root):
+    import json
+
+    config = json.loads((repo_root / "bundles/lung_nodule_ct_segmentation/configs/inference.json").read_text())
+    assert config["auto_order"] == ["bf16", "int8", "fp32"] and "@auto_order" in config["fast_network"]
+
+
 @pytest.mark.parametrize(
     "precision, phrase",
     [("bf16", "precision bf16 cannot run here: this CPU (AMD EPYC) has no native bf16"),

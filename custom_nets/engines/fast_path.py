@@ -32,6 +32,7 @@ import logging
 import os
 import platform
 from contextlib import nullcontext
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,6 +43,7 @@ from custom_nets.errors import InputError
 
 __all__ = [
     "PRECISIONS",
+    "AUTO_ORDER",
     "PrecisionUnavailableError",
     "PrecisionChoice",
     "cpu_info",
@@ -56,6 +58,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+#: What ``auto`` tries on a CPU, best first (the fetal bundle's order: int8 is the fastest there).
+AUTO_ORDER = ("int8", "bf16", "fp32")
 
 #: ``/proc/cpuinfo`` flags that decide the CPU paths (and are recorded beside every benchmark figure).
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
@@ -187,6 +191,7 @@ def choose_precision(
     int8_model: str | os.PathLike | None = None,
     info: dict | None = None,
     checkpoint: str | os.PathLike | None = None,
+    auto_order: Sequence[str] = AUTO_ORDER,
 ) -> PrecisionChoice:
     """
     The precision to run: ``requested`` if this machine can run it, the best available one for ``auto``.
@@ -197,6 +202,8 @@ def choose_precision(
         int8_model: the INT8 ONNX file (a bundle's ``models/model_int8.onnx``).
         info: :func:`cpu_info` (read from this machine when None).
         checkpoint: the ``model.pt`` in use; an INT8 model made from another one is not used.
+        auto_order: the CPU precisions ``auto`` tries, best first (a bundle whose memory bound int8
+            misses puts bf16 first); fp32 is the last resort either way.
 
     Raises:
         PrecisionUnavailableError: ``requested`` is unknown or cannot run here (``auto`` never raises).
@@ -225,11 +232,22 @@ def choose_precision(
         return PrecisionChoice("fp16", f"CUDA device {torch.cuda.get_device_name(device)}: fp16 autocast")
     flags = set(info["flags"])
     int8_isa = "AMX-INT8" if "amx_int8" in flags else "VNNI" if flags & {"avx512_vnni", "avx_vnni"} else "AVX2, no VNNI"
-    if int8_problem is None:
-        return PrecisionChoice("int8", f"INT8 model {int8_model} on ONNX Runtime (CPU: {int8_isa})")
-    if bf16 is None:
-        return PrecisionChoice("bf16", f"CPU has {native_bf16(info)}; no INT8 model ({int8_problem})")
-    return PrecisionChoice("fp32", f"{bf16}; no INT8 model ({int8_problem})")
+    unknown = [p for p in auto_order if p not in ("int8", "bf16", "fp32")]
+    if unknown:
+        raise PrecisionUnavailableError(f"auto_order may hold int8, bf16 and fp32 only, got {', '.join(map(repr, unknown))}")
+    passed: list[str] = []  # why the precisions before the chosen one were passed over
+    for precision in [*auto_order, "fp32"]:
+        if precision == "int8":
+            if int8_problem is None:
+                return PrecisionChoice("int8", "; ".join([f"INT8 model {int8_model} on ONNX Runtime (CPU: {int8_isa})", *passed]))
+            passed.append(f"no INT8 model ({int8_problem})")
+        elif precision == "bf16":
+            if bf16 is None:
+                return PrecisionChoice("bf16", "; ".join([f"CPU has {native_bf16(info)}", *passed]))
+            passed.append(bf16)
+        else:
+            return PrecisionChoice("fp32", "; ".join(passed) or "first in auto_order")
+    raise AssertionError("unreachable: fp32 ends the order")
 
 
 class FastForward(nn.Module):
@@ -307,6 +325,7 @@ def fast_network(
     int8_model: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
     threads: int | None = None,
+    auto_order: Sequence[str] = AUTO_ORDER,
 ) -> FastForward:
     """
     :func:`choose_precision` then :class:`FastForward`, logging one line with the path taken and why.
@@ -316,7 +335,7 @@ def fast_network(
         net = fast_network(net, "auto", "cpu", "models/model_int8.onnx")
         # INFO inference path: fp32 (PyTorch, channels_last): this CPU (AMD EPYC) has no native bf16 ...
     """
-    choice = choose_precision(precision, device, int8_model, checkpoint=checkpoint)
+    choice = choose_precision(precision, device, int8_model, checkpoint=checkpoint, auto_order=auto_order)
     engine = {
         "fp32": "PyTorch, channels_last" if torch.device(device).type == "cpu" else "PyTorch",
         "bf16": "PyTorch autocast bfloat16, channels_last",
