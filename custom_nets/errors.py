@@ -18,7 +18,7 @@ import os
 import sys
 from types import TracebackType
 
-__all__ = ["InputError", "describe_error", "exception_chain", "input_error_in", "install_excepthook"]
+__all__ = ["InputError", "describe_error", "exception_chain", "input_error_in", "install_excepthook", "require"]
 
 # Besides InputError, these mean "a path the user gave is wrong"; their messages name the path.
 _USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -81,3 +81,17 @@ def install_excepthook() -> None:
         "initialize": ["$custom_nets.errors.install_excepthook()", ...]
     """
     sys.excepthook = _excepthook
+
+
+def require(condition: object, message: str) -> bool:
+    """
+    A config's own sanity check: raise :class:`InputError` with ``message`` (one line, naming the settings
+    and what is wrong) unless ``condition`` holds, before the run fails deep inside a transform.
+
+    Example (a bundle config's ``initialize``)::
+
+        "$custom_nets.errors.require(@patch_size[0] <= @image_size[0], 'patch_size must fit in image_size')"
+    """
+    if not condition:
+        raise InputError(message)
+    return True

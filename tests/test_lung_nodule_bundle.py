@@ -147,3 +147,12 @@ def test_metadata_and_network_shapes_verify_offline(repo_root):
 
     verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(repo_root / "bundles" / "schema" / "meta_schema_20240725.json"))
     verify_net_in_out(net_id="network_def", meta_file=str(CONFIGS / "metadata.json"), config_file=str(CONFIGS / "inference.json"), n=2)
+
+
+def test_a_patch_larger_than_the_image_is_one_line_before_training(tmp_path):
+    result = monai_bundle("run", "training", "--config_file", CONFIGS / "train.json", "--bundle_root", tmp_path,
+                          "--image_size", "[32,32]", "--patch_size", "[64,64]", "--num_workers", "0", check=False)  # fmt: skip
+    assert result.returncode != 0
+    assert "ERROR: --patch_size [64, 64] does not fit in --image_size [32, 32]: training patches are cropped" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "models").exists()  # stopped before any data was made or any epoch ran
