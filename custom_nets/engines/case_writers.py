@@ -126,7 +126,9 @@ class MaskWriter:
             if labels.numel() and float(labels.max()) * self.png_scale > 255:
                 raise ValueError(f"label values up to {float(labels.max()):g} times png_scale {self.png_scale} exceed 255")
             labels = labels * self.png_scale
-        writer = resolve_writer(out_suffix.lstrip("."))[0](output_dtype=np.uint8)
+        # PNG labels are already scaled uint8: MONAI's PIL writer would clip them to [0, 1] and scale them again
+        options = {"scale": None} if out_suffix == ".png" else {}
+        writer = resolve_writer(out_suffix.lstrip("."))[0](output_dtype=np.uint8, **options)
         writer.set_data_array(labels.to(torch.uint8), channel_dim=0)
         writer.set_metadata(meta, resample=False)
         path = self._names.claim(os.path.join(self.output_dir, f"{stem}{self.postfix}{out_suffix}"), source)

@@ -186,17 +186,20 @@ def fit_head_ellipse(mask: np.ndarray | torch.Tensor, spacing: float | Sequence[
     mask = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask) > 0
     if mask.ndim != 2:
         raise ValueError(f"expected a 2D mask, got shape {mask.shape}")
-    labels, count = ndimage.label(mask)
-    if count == 0:
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
         return None
+    # the regions lie inside the mask's bounding box: label there only (a head is a fraction of the frame)
+    origin = np.asarray([rows[0], cols[0]], dtype=np.float64)
+    labels, count = ndimage.label(mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
     largest = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
     box = ndimage.find_objects(labels, max_label=largest)[largest - 1]
     region = ndimage.binary_fill_holes(labels[box] == largest)
     contours = find_contours(np.pad(region, 1).astype(np.float32), 0.5)
     if not contours:
         return None
-    # back to full-image pixel coordinates (undo the padding and the crop)
-    points = max(contours, key=len) - 1.0 + np.asarray([box[0].start, box[1].start], dtype=np.float64)
+    # back to full-image pixel coordinates (undo the padding and both crops)
+    points = max(contours, key=len) - 1.0 + origin + np.asarray([box[0].start, box[1].start], dtype=np.float64)
     inside = np.all((points >= 0) & (points <= np.asarray(mask.shape) - 1), axis=1)
     if inside.sum() >= 5:
         points = points[inside]
