@@ -3,7 +3,7 @@ Command line of :mod:`custom_nets.deploy`::
 
     python -m custom_nets.deploy handoff BUNDLE_DIR OUTPUT_DIR [--extra_configs "['configs/layout.json']"] [--int8 true|false]
     python -m custom_nets.deploy onnx_parity BUNDLE_DIR [--onnx_file models/model.onnx]
-    python -m custom_nets.deploy quantize BUNDLE_DIR --calibration_dir IMAGES [--num_inputs 32] [--image_size 256]
+    python -m custom_nets.deploy quantize BUNDLE_DIR --calibration_dir IMAGES [--num_inputs 64] [--image_size 256]
 
 ``handoff`` prints the hand-off folder; ``quantize`` writes ``models/model_int8.onnx`` (the fast CPU
 path, :mod:`custom_nets.deploy.quantize`) and prints its agreement with fp32; ``onnx_parity`` prints the largest logit difference and the
@@ -43,7 +43,7 @@ def parity(bundle_dir: str, onnx_file: str = "models/model.onnx", atol: float = 
 
 
 def quantize(bundle_dir: str, calibration_dir: str, output: str = "models/model_int8.onnx",
-             ckpt_file: str = "models/model.pt", extra_configs: tuple[str, ...] | str = (), num_inputs: int = 32,
+             ckpt_file: str = "models/model.pt", extra_configs: tuple[str, ...] | str = (), num_inputs: int = 64,
              min_dice: float = 0.98, **overrides) -> dict:  # fmt: skip
     """
     INT8 QDQ ONNX model of ``bundle_dir`` calibrated on ``num_inputs`` inputs from ``calibration_dir``;
