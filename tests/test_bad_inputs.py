@@ -674,3 +674,39 @@ def test_failed_case_leaves_no_partial_file_and_the_batch_goes_on(png_inputs, tm
     assert rows["b.png"] == "failed: OSError: disk full"
     assert rows["trunc.png"].startswith(f"failed: {png_inputs / 'trunc.png'}: cannot read the image")
     assert sorted(p.name for p in out.iterdir()) == ["a.bin", "results.csv"]  # nothing half-written, no temp file
+
+
+def _huge_png(folder: Path) -> Path:
+    """10000x10000 zeros: about 100 kB on disk, 100 million pixels once decoded."""
+    return _pil(folder / "huge.png", Image.new("L", (10000, 10000)))
+
+
+def _huge_nifti_header(folder: Path) -> Path:
+    """A NIfTI header that promises 20000x20000 pixels, with no data behind it: refused from the header alone."""
+    path = folder / "huge.nii"
+    header = nib.Nifti1Header()
+    header.set_data_shape((20000, 20000))
+    header.set_data_dtype(np.uint8)
+    with open(path, "wb") as f:
+        header.write_to(f)
+        f.write(b"\0" * 4)
+    return path
+
+
+def _huge_dicom_header(folder: Path) -> Path:
+    import pydicom
+
+    path = write_dicom_2d(folder / "huge.dcm", PICTURE)
+    ds = pydicom.dcmread(path)
+    ds.Rows, ds.Columns = 10000, 8000  # the header promises more than the file holds: no decoder may run
+    ds.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize("make", [_huge_png, _huge_nifti_header, _huge_dicom_header], ids=["png", "nifti", "dicom"])
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path, make):
+    """The NIfTI and DICOM headers promise pixels their files do not hold: a decoder would fail with 'cannot read'."""
+    path = make(tmp_path)
+    with pytest.raises(InputError) as info:
+        check_image_2d(path)
+    _one_line_naming(str(info.value), str(path), "pixels is too large (at most 40 million pixels); downsample it first")

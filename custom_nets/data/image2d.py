@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = [
     "PICTURE_SUFFIXES",
     "DICOM_PHOTOMETRICS",
     "MIN_SIDE",
+    "MAX_PIXELS",
     "check_image_2d",
     "check_dicom_photometric",
     "decode_dicom_frame",
@@ -53,6 +55,9 @@ DICOM_PHOTOMETRICS = ("MONOCHROME2", "MONOCHROME1", "RGB", "YBR_FULL", "YBR_FULL
 
 #: Fewest pixels a side: smaller images (a 1x1 pixel, a 1x4000 strip) hold no head and break resizing and the ellipse fit.
 MIN_SIDE = 16
+#: Most pixels of one 2D image (an 8K frame has 33 million): a 10000x10000 PNG compresses to 1 MB but takes
+#: minutes and 9 GB to segment at full size; it is refused from its header, before anything is decoded.
+MAX_PIXELS = 40_000_000
 
 # PIL modes and their channel counts that the 2D bundles turn into one gray channel (alpha dropped).
 _PIL_MODES = {"1": 1, "L": 1, "I": 1, "I;16": 1, "I;16B": 1, "I;16L": 1, "F": 1, "LA": 2, "RGB": 3, "RGBA": 4}
@@ -84,6 +89,15 @@ def _check_finite(path: Path, array: np.ndarray) -> None:
                           "(a wrong scale factor, e.g. NIfTI scl_slope?)")  # fmt: skip
 
 
+def _check_pixel_count(path: Path, shape: Sequence[int]) -> None:
+    count = math.prod(int(v) for v in shape)
+    if count > MAX_PIXELS:
+        raise _fail(
+            path, f"image of {_shape_text(tuple(shape))} pixels is too large (at most {MAX_PIXELS // 1_000_000} million "
+            "pixels); downsample it first"
+        )
+
+
 def _check_picture(path: Path) -> tuple[int, int]:
     from PIL import Image
 
@@ -91,6 +105,7 @@ def _check_picture(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             frames = int(getattr(im, "n_frames", 1))
             mode, (width, height) = im.mode, im.size
+            _check_pixel_count(path, (height, width))
             if im.format == "PNG":
                 # every chunk's CRC, no decompression: catches truncated and corrupt files, and the image
                 # is decoded once, by the bundle's loader (decoding dominated the check's time)
@@ -99,6 +114,8 @@ def _check_picture(path: Path) -> tuple[int, int]:
             else:
                 im.load()  # decode everything: a truncated file fails here with PIL's own words
                 array = np.asarray(im) if mode == "F" else None
+    except ImageInputError:
+        raise
     except (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError) as e:
         raise _fail(path, f"cannot read the image ({describe_error(e)})") from None
     if frames > 1:
@@ -117,7 +134,10 @@ def _check_nifti(path: Path) -> tuple[int, int]:
 
     try:
         image = nib.load(os.fspath(path))
+        _check_pixel_count(path, image.shape)  # from the header, before the data is read
         array = np.asanyarray(image.dataobj)  # 2D images are small: read them, a truncated file fails here
+    except ImageInputError:
+        raise
     except Exception as e:  # nibabel raises many types for damaged files
         raise _fail(path, f"cannot read the image ({describe_error(e)})") from None
     shape = tuple(int(s) for s in image.shape)
@@ -206,6 +226,7 @@ def _read_dicom_2d(path: Path) -> tuple[Any, np.ndarray]:
     if "Rows" not in ds or "PhotometricInterpretation" not in ds:  # a file cut short in its header
         raise _fail(path, "cannot read the DICOM image (no image header: a truncated or non-image DICOM file)")
     check_dicom_photometric(ds, path)  # before any decoder sees the pixel data
+    _check_pixel_count(path, (int(ds.Rows), int(getattr(ds, "Columns", 0) or 0)))
     try:
         array = decode_dicom_frame(path, ds)  # truncated or undecodable pixel data fails here
     except Exception as e:  # pydicom raises many types for damaged pixel data
@@ -230,7 +251,8 @@ def check_image_2d(path: str | os.PathLike) -> Path:
     (truncated, corrupt, not an image despite its suffix); a 3D volume or several frames/pages; a palette
     image (PNG, or DICOM without its colour table); an unsupported pixel mode or photometric interpretation;
     NaN or infinite pixels of a float image, or values that overflow float32; a NaN or infinite NIfTI
-    geometry; fewer than :data:`MIN_SIDE` pixels a side.
+    geometry; fewer than :data:`MIN_SIDE` pixels a side; more than :data:`MAX_PIXELS` pixels (from the header,
+    before decoding).
 
     Raises:
         ImageInputError: the path and the problem, in one line.
