@@ -334,9 +334,35 @@ def _dicom_single_slice(folder: Path) -> Path:
     return _dicom_series(folder / "one_slice", depth=1)
 
 
+def _truncated(path: Path, keep: float = 0.5) -> Path:
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+    return path
+
+
+def _nrrd_truncated_raw(folder: Path) -> Path:
+    return _truncated(_itk_write(folder / "raw.nrrd"))
+
+
+def _nrrd_truncated_gzip(folder: Path) -> Path:
+    import itk
+
+    path = folder / "gz.nrrd"
+    itk.imwrite(itk.image_from_array(np.ascontiguousarray(VOLUME.T)), os.fspath(path), compression=True)
+    return _truncated(path, 0.7)
+
+
+def _nhdr_truncated_data(folder: Path) -> Path:
+    header = _itk_write(folder / "det.nhdr")
+    _truncated(next(p for p in folder.iterdir() if p.name.startswith("det.") and p.suffix != ".nhdr"))
+    return header
+
+
 @pytest.mark.parametrize(
     "make, name, phrase",
     [
+        (_nrrd_truncated_raw, "raw.nrrd", "NRRD data of raw.nrrd is truncated ("),
+        (_nrrd_truncated_gzip, "gz.nrrd", "NRRD data of gz.nrrd is truncated (the gzip stream holds"),
+        (_nhdr_truncated_data, "det.nhdr", "NRRD data of det.nhdr is truncated ("),
         (_truncated_nifti_gz, "trunc.nii.gz", "cannot read trunc.nii.gz: EOFError"),
         (_truncated_nifti, "short.nii", "cannot read short.nii"),
         (_corrupt_nifti, "corrupt.nii.gz", "cannot read the header of corrupt.nii.gz"),
@@ -349,7 +375,7 @@ def _dicom_single_slice(folder: Path) -> Path:
         (_dicom_two_series, "two_series", "2 DICOM image series in one folder (6, 3 slices)"),
         (_dicom_single_slice, "one_slice", "has a single slice; a volume needs at least two"),
     ],
-    ids=["truncated-nii-gz", "truncated-nii", "corrupt-nifti", "2d-to-3d-bundle", "two-channels", "nan", "inf",
+    ids=["truncated-nrrd", "truncated-nrrd-gzip", "truncated-nhdr-data", "truncated-nii-gz", "truncated-nii", "corrupt-nifti", "2d-to-3d-bundle", "two-channels", "nan", "inf",
          "dicom-corrupt-slice", "dicom-truncated-slice", "dicom-two-series", "dicom-single-slice"],  # fmt: skip
 )
 def test_bad_volume_is_one_line_naming_the_file(tmp_path, make, name, phrase):

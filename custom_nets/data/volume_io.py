@@ -47,6 +47,7 @@ __all__ = [
     "list_volume_inputs",
     "dicom_series_files",
     "check_metaimage",
+    "nrrd_data_problem",
     "volume_grid",
     "volume_shape",
     "check_same_grid",
@@ -69,6 +70,17 @@ VOLUME_SUFFIXES: dict[str, tuple[str, ...]] = {
 _MET_TYPE_BYTES = {
     "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
     "MET_LONG": 8, "MET_ULONG": 8, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8,
+}  # fmt: skip
+
+# NRRD "type" names (the spec's synonyms included) and their bytes per value.
+_NRRD_TYPE_BYTES = {
+    **dict.fromkeys(("signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8", "uint8_t"), 1),
+    **dict.fromkeys(("short", "short int", "signed short", "signed short int", "int16", "int16_t", "ushort",
+                     "unsigned short", "unsigned short int", "uint16", "uint16_t"), 2),
+    **dict.fromkeys(("int", "signed int", "int32", "int32_t", "uint", "unsigned int", "uint32", "uint32_t", "float"), 4),
+    **dict.fromkeys(("longlong", "long long", "long long int", "signed long long", "signed long long int", "int64",
+                     "int64_t", "ulonglong", "unsigned long long", "unsigned long long int", "uint64", "uint64_t",
+                     "double"), 8),
 }  # fmt: skip
 
 # DICOM tag keys ("0010|0010") as ITK names them: dropped from metadata so no identifier travels on.
@@ -472,6 +484,68 @@ def _reader_for(fmt: str):
     return _Float32NibabelReader() if fmt == "nifti" else ITKReader()
 
 
+def nrrd_data_problem(path: str | os.PathLike) -> str | None:
+    """
+    What is wrong with the data of an NRRD file (``.nrrd`` with its data attached, or a ``.nhdr`` naming a data
+    file) that ITK could not read, in words, or None when nothing is found: a header without ``sizes`` or
+    with an unknown ``type``, a missing data file, raw data shorter than the header needs, or a gzip stream
+    that ends early or holds less than the header needs. Run after a failed read: ITK only says that it
+    found no suitable reader.
+    """
+    import zlib
+
+    path = Path(path)
+    fields: dict[str, str] = {}
+    try:
+        with open(path, "rb") as f:
+            magic = f.readline()
+            if not magic.startswith(b"NRRD"):
+                return f"{path.name} does not start with an NRRD header (NRRD000x)"
+            for raw_line in f:
+                line = raw_line.decode("latin-1").rstrip("\r\n")
+                if not line:
+                    break  # the blank line that ends the header; attached data follow
+                if line.startswith("#"):
+                    continue
+                key, sep, value = line.partition(":")
+                if sep:
+                    fields[key.strip().lower()] = value.lstrip("=").strip()
+            header_end = f.tell()
+    except OSError as e:
+        return f"cannot read {path.name}: {e.strerror}"
+    if "sizes" not in fields:
+        return f"NRRD header of {path.name} has no 'sizes' field"
+    element_bytes = _NRRD_TYPE_BYTES.get(fields.get("type", "").lower())
+    if element_bytes is None:
+        return f"NRRD header of {path.name} has an unknown type {fields.get('type', '')!r}"
+    try:
+        expected = int(np.prod([int(v) for v in fields["sizes"].split()])) * element_bytes
+    except ValueError:
+        return f"NRRD header of {path.name} has unreadable sizes {fields['sizes']!r}"
+    data_file = fields.get("data file", fields.get("datafile"))
+    if data_file:
+        data_path, offset = path.parent / data_file, 0
+        if not data_path.is_file():
+            return f"NRRD header {path.name} points to data file {data_file}, which does not exist"
+    else:
+        data_path, offset = path, header_end
+    encoding = fields.get("encoding", "raw").lower()
+    with open(data_path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    if encoding == "raw" and len(data) < expected:
+        return f"NRRD data of {path.name} is truncated ({len(data)} bytes, header needs {expected})"
+    if encoding in ("gzip", "gz"):
+        stream = zlib.decompressobj(wbits=31)
+        try:
+            size = len(stream.decompress(data))
+        except zlib.error as e:
+            return f"NRRD data of {path.name} is not valid gzip ({e})"
+        if not stream.eof or size < expected:
+            return f"NRRD data of {path.name} is truncated (the gzip stream holds {size} bytes, header needs {expected})"
+    return None
+
+
 def read_volume(path: str | os.PathLike | Sequence[str | os.PathLike], case: str | None = None) -> MetaTensor:
     """
     Read one case as a channel-first float32 ``MetaTensor`` ``(C, I, J, K)`` with its geometry.
@@ -516,6 +590,9 @@ def read_volume(path: str | os.PathLike | Sequence[str | os.PathLike], case: str
         short = _short_dicom_slices(dicom_series_files(paths[0])) if formats[0] == "dicom" else []
         if short:
             raise _fail(case, f"truncated DICOM slice(s) {', '.join(short)} (pixel data shorter than the header says)") from None
+        problem = next(filter(None, map(nrrd_data_problem, paths)), None) if formats[0] == "nrrd" else None
+        if problem:
+            raise _fail(case, problem) from None
         raise _fail(case, f"cannot read {paths[0].name}: {describe_error(e)}") from None
     if image.dtype != torch.float32:
         image = image.float()
