@@ -322,3 +322,31 @@ def test_brain_mri_batch_with_bad_cases(root):
     )  # fmt: skip
     assert nib.load(outputs / "Patiënt 01_seg.nii.gz").shape == (16, 16, 8)
     assert "skipped 1 entry(ies) that are not case folders: notes.txt" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["inference", "evaluating"])
+def test_a_checkpoint_of_another_network_is_one_line(root, tmp_path, command):
+    """A CE-Net checkpoint given to the default AdaptiveCENet bundle: one line naming both, no traceback."""
+    from custom_nets import CENet
+
+    model = tmp_path / "models" / "model.pt"
+    model.parent.mkdir()
+    torch.save(CENet(spatial_dims=2, in_channels=1, out_channels=2).state_dict(), model)
+    inputs = root / f"hc18 in {command}"
+    inputs.mkdir()
+    write_png(inputs / "001_HC.png", PICTURE)
+    configs = BUNDLES / "fetal_head_us_segmentation" / "configs"
+    if command == "inference":
+        result = _infer("fetal_head_us_segmentation", inputs, tmp_path / "out", model, "--image_size", "64")
+    else:
+        result = subprocess.run(
+            [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file",
+             f"['{configs / 'train.json'}','{configs / 'evaluate.json'}']", "--bundle_root", str(tmp_path),
+             "--ckpt_dir", str(model.parent), "--image_size", "64", "--num_workers", "0"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+    assert result.returncode != 0
+    error = [line for line in result.stderr.splitlines() if line.startswith("ERROR: ")]
+    assert len(error) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"checkpoint {model} does not fit the configured network AdaptiveCENet: tensors" in error[0]
+    assert "first " in error[0] and "another --network_def" in error[0]

@@ -12,7 +12,7 @@ from torch import nn
 
 from custom_nets.errors import InputError, describe_error
 
-__all__ = ["CheckpointNotFoundError", "check_input", "load_checkpoint", "load_pretrained_encoder"]
+__all__ = ["CheckpointNotFoundError", "check_input", "load_checkpoint", "load_weights", "load_pretrained_encoder"]
 
 
 def check_input(x: torch.Tensor, in_channels: int, spatial_dims: int, divisor: int = 32) -> None:
@@ -118,6 +118,45 @@ def load_checkpoint(
     if not isinstance(content, dict):
         raise InputError(f"{prefix}: holds a {type(content).__name__}, not a dict (a state dict or a checkpoint)")
     return content
+
+
+def load_weights(
+    network: nn.Module, path: str | os.PathLike, map_location: str | torch.device | None = "cpu"
+) -> nn.Module:
+    """
+    :func:`load_checkpoint` into ``network``, with one line when the weights do not fit it (a model trained
+    with another ``--network_def``, other channels or classes): the checkpoint, the network class, and the
+    first missing, unexpected and mismatching tensors, instead of ``load_state_dict``'s page-long error.
+
+    Raises:
+        InputError: the file cannot be read (:func:`load_checkpoint`), or its tensors do not fit ``network``.
+
+    Example (a bundle config's ``initialize``)::
+
+        "$custom_nets.networks.utils.load_weights(@network, @ckpt_path, @device)"
+    """
+    state = load_checkpoint(path, map_location=map_location)
+    target = getattr(network, "module", network)  # DistributedDataParallel: the weights are the inner network's
+    own = target.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k} {list(state[k].shape)} in the file, {list(own[k].shape)} in the network"
+        for k in own
+        if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape
+    ]
+    problems = [
+        f"{len(found)} {what}, first {found[0]}"
+        for what, found in (("missing", missing), ("unexpected", unexpected), ("of another shape", mismatched))
+        if found
+    ]
+    if problems:
+        raise InputError(
+            f"checkpoint {os.fspath(path)} does not fit the configured network {type(target).__name__}: "
+            f"tensors {'; '.join(problems)}; was it trained with another --network_def, channel or class count?"
+        )
+    target.load_state_dict(state)
+    return network
 
 
 def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
