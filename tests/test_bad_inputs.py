@@ -735,4 +735,11 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path, make
     path = make(tmp_path)
     with pytest.raises(InputError) as info:
         check_image_2d(path)
-    _one_line_naming(str(info.value), str(path), "pixels is too large (at most 40 million pixels); downsample it first")
+    _one_line_naming(str(info.value), str(path), "pixels is too large (at most 40 million pixels, --max_pixels); downsample it first")
+
+
+def test_the_pixel_limit_is_a_setting(tmp_path):
+    path = write_png(tmp_path / "frame.png", np.zeros((300, 400)))
+    assert check_image_2d(path) == path
+    with pytest.raises(InputError, match=r"image of 300x400 pixels is too large \(at most 100000 pixels, --max_pixels\)"):
+        check_image_2d(path, max_pixels=100_000)

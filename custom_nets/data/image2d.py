@@ -89,23 +89,24 @@ def _check_finite(path: Path, array: np.ndarray) -> None:
                           "(a wrong scale factor, e.g. NIfTI scl_slope?)")  # fmt: skip
 
 
-def _check_pixel_count(path: Path, shape: Sequence[int]) -> None:
+def _check_pixel_count(path: Path, shape: Sequence[int], max_pixels: int) -> None:
     count = math.prod(int(v) for v in shape)
-    if count > MAX_PIXELS:
+    if count > max_pixels:
+        limit = f"{max_pixels / 1e6:g} million" if max_pixels >= 1_000_000 else str(max_pixels)
         raise _fail(
-            path, f"image of {_shape_text(tuple(shape))} pixels is too large (at most {MAX_PIXELS // 1_000_000} million "
-            "pixels); downsample it first"
+            path, f"image of {_shape_text(tuple(shape))} pixels is too large (at most {limit} pixels, --max_pixels); "
+            "downsample it first"
         )
 
 
-def _check_picture(path: Path) -> tuple[int, int]:
+def _check_picture(path: Path, max_pixels: int) -> tuple[int, int]:
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             frames = int(getattr(im, "n_frames", 1))
             mode, (width, height) = im.mode, im.size
-            _check_pixel_count(path, (height, width))
+            _check_pixel_count(path, (height, width), max_pixels)
             if im.format == "PNG":
                 # every chunk's CRC, no decompression: catches truncated and corrupt files, and the image
                 # is decoded once, by the bundle's loader (decoding dominated the check's time)
@@ -129,12 +130,12 @@ def _check_picture(path: Path) -> tuple[int, int]:
     return height, width
 
 
-def _check_nifti(path: Path) -> tuple[int, int]:
+def _check_nifti(path: Path, max_pixels: int) -> tuple[int, int]:
     import nibabel as nib
 
     try:
         image = nib.load(os.fspath(path))
-        _check_pixel_count(path, image.shape)  # from the header, before the data is read
+        _check_pixel_count(path, image.shape, max_pixels)  # from the header, before the data is read
         array = np.asanyarray(image.dataobj)  # 2D images are small: read them, a truncated file fails here
     except ImageInputError:
         raise
@@ -212,7 +213,7 @@ def dicom_pixel_size(ds: Any) -> tuple[float, float] | None:
     return size if all(math.isfinite(s) and s > 0 for s in size) else None
 
 
-def _read_dicom_2d(path: Path) -> tuple[Any, np.ndarray]:
+def _read_dicom_2d(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[Any, np.ndarray]:
     """The header and the decoded single frame of a 2D DICOM, every refusal one line naming the file."""
     import pydicom
 
@@ -226,7 +227,7 @@ def _read_dicom_2d(path: Path) -> tuple[Any, np.ndarray]:
     if "Rows" not in ds or "PhotometricInterpretation" not in ds:  # a file cut short in its header
         raise _fail(path, "cannot read the DICOM image (no image header: a truncated or non-image DICOM file)")
     check_dicom_photometric(ds, path)  # before any decoder sees the pixel data
-    _check_pixel_count(path, (int(ds.Rows), int(getattr(ds, "Columns", 0) or 0)))
+    _check_pixel_count(path, (int(ds.Rows), int(getattr(ds, "Columns", 0) or 0)), max_pixels)
     try:
         array = decode_dicom_frame(path, ds)  # truncated or undecodable pixel data fails here
     except Exception as e:  # pydicom raises many types for damaged pixel data
@@ -236,13 +237,13 @@ def _read_dicom_2d(path: Path) -> tuple[Any, np.ndarray]:
     return ds, array
 
 
-def _check_dicom(path: Path) -> tuple[int, int]:
-    _, array = _read_dicom_2d(path)
+def _check_dicom(path: Path, max_pixels: int) -> tuple[int, int]:
+    _, array = _read_dicom_2d(path, max_pixels)
     _check_finite(path, array)
     return array.shape[0], array.shape[1]
 
 
-def check_image_2d(path: str | os.PathLike) -> Path:
+def check_image_2d(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Path:
     """
     Check that ``path`` is one readable 2D image a 2D bundle can segment; return it. PNG files are
     checked chunk by chunk against their checksums without being decompressed; other formats are decoded.
@@ -251,8 +252,8 @@ def check_image_2d(path: str | os.PathLike) -> Path:
     (truncated, corrupt, not an image despite its suffix); a 3D volume or several frames/pages; a palette
     image (PNG, or DICOM without its colour table); an unsupported pixel mode or photometric interpretation;
     NaN or infinite pixels of a float image, or values that overflow float32; a NaN or infinite NIfTI
-    geometry; fewer than :data:`MIN_SIDE` pixels a side; more than :data:`MAX_PIXELS` pixels (from the header,
-    before decoding).
+    geometry; fewer than :data:`MIN_SIDE` pixels a side; more than ``max_pixels`` (default :data:`MAX_PIXELS`)
+    pixels, from the header, before decoding.
 
     Raises:
         ImageInputError: the path and the problem, in one line.
@@ -267,11 +268,11 @@ def check_image_2d(path: str | os.PathLike) -> Path:
         raise _fail(path, "no such file")
     name = path.name.lower()
     if name.endswith(PICTURE_SUFFIXES):
-        size = _check_picture(path)
+        size = _check_picture(path, max_pixels)
     elif name.endswith((".nii", ".nii.gz")):
-        size = _check_nifti(path)
+        size = _check_nifti(path, max_pixels)
     elif name.endswith(DICOM_SUFFIXES):
-        size = _check_dicom(path)
+        size = _check_dicom(path, max_pixels)
     else:
         raise _fail(path, f"unsupported image format (expected {', '.join(PICTURE_SUFFIXES)}, .nii, .nii.gz or .dcm)")
     if min(size) < MIN_SIDE:
