@@ -330,6 +330,30 @@ def _dicom_two_series(folder: Path) -> Path:
     return folder / "two_series"
 
 
+def _dicom_one_slice_of_other_pixel_spacing(folder: Path) -> Path:
+    import pydicom
+
+    _dicom_series(folder / "mixed_spacing")
+    path = folder / "mixed_spacing" / "slice_0003.dcm"
+    ds = pydicom.dcmread(path)
+    ds.PixelSpacing = [0.6, 0.6]
+    ds.save_as(path)
+    return folder / "mixed_spacing"
+
+
+def _nifti_zero_affine(folder: Path) -> Path:
+    """sform and qform both zero (nibabel then reads pixdim 0): every voxel at the origin."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(VOLUME.shape)
+    header.set_data_dtype(VOLUME.dtype)
+    header["pixdim"][1:4] = 0
+    for row in ("srow_x", "srow_y", "srow_z"):
+        header[row] = 0
+    header["sform_code"], header["qform_code"] = 1, 0
+    nib.save(nib.Nifti1Image(VOLUME, None, header=header), folder / "zero.nii.gz")
+    return folder / "zero.nii.gz"
+
+
 def _dicom_single_slice(folder: Path) -> Path:
     return _dicom_series(folder / "one_slice", depth=1)
 
@@ -374,9 +398,13 @@ def _nhdr_truncated_data(folder: Path) -> Path:
         (_dicom_truncated_slice, "slice_0003.dcm", "truncated DICOM slice(s) slice_0003.dcm"),
         (_dicom_two_series, "two_series", "2 DICOM image series in one folder (6, 3 slices)"),
         (_dicom_single_slice, "one_slice", "has a single slice; a volume needs at least two"),
+        (_dicom_one_slice_of_other_pixel_spacing, "mixed_spacing",
+         "DICOM slice slice_0003.dcm has pixel spacing 0.6 x 0.6 mm, the series 0.8 x 0.8 mm"),
+        (_nifti_zero_affine, "zero.nii.gz", "the voxel-to-world matrix (affine) of zero.nii.gz is zero or singular"),
     ],
     ids=["truncated-nrrd", "truncated-nrrd-gzip", "truncated-nhdr-data", "truncated-nii-gz", "truncated-nii", "corrupt-nifti", "2d-to-3d-bundle", "two-channels", "nan", "inf",
-         "dicom-corrupt-slice", "dicom-truncated-slice", "dicom-two-series", "dicom-single-slice"],  # fmt: skip
+         "dicom-corrupt-slice", "dicom-truncated-slice", "dicom-two-series", "dicom-single-slice",
+         "dicom-mixed-pixel-spacing", "nifti-zero-affine"],  # fmt: skip
 )
 def test_bad_volume_is_one_line_naming_the_file(tmp_path, make, name, phrase):
     path = make(tmp_path)
@@ -743,3 +771,17 @@ def test_the_pixel_limit_is_a_setting(tmp_path):
     assert check_image_2d(path) == path
     with pytest.raises(InputError, match=r"image of 300x400 pixels is too large \(at most 100000 pixels, --max_pixels\)"):
         check_image_2d(path, max_pixels=100_000)
+
+
+def test_a_sheared_voxel_grid_is_read_with_a_warning(tmp_path, caplog):
+    sheared = AFFINE.copy()
+    sheared[0, 1] = 0.3 * AFFINE[1, 1]  # the j axis leans towards i: voxels are parallelepipeds
+    path = _nifti(tmp_path / "sheared.nii.gz", affine=sheared)
+    with caplog.at_level(logging.WARNING, logger="custom_nets.data.volume_io"):
+        image = read_volume(path)
+    assert tuple(image.shape[1:]) == VOLUME.shape
+    assert any("sheared.nii.gz has a sheared voxel grid" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="custom_nets.data.volume_io"):
+        read_volume(_nifti(tmp_path / "straight.nii.gz"))
+    assert not any("sheared" in r.getMessage() for r in caplog.records)

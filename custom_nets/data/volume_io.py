@@ -22,6 +22,7 @@ from (for a NIfTI input, also its qform/sform codes), through a temporary file a
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Hashable, Mapping, Sequence
@@ -202,7 +203,8 @@ def dicom_series_files(folder: str | os.PathLike, spacing_tolerance: float = 0.0
 
     folder = Path(folder)
     case = folder.name
-    tags = ["SeriesInstanceUID", "ImagePositionPatient", "ImageOrientationPatient", "Rows", "Columns", "NumberOfFrames"]
+    tags = ["SeriesInstanceUID", "ImagePositionPatient", "ImageOrientationPatient", "Rows", "Columns", "NumberOfFrames",
+            "PixelSpacing"]  # fmt: skip
     series: dict[str, list[tuple[str, Any]]] = {}
     for path in sorted(folder.iterdir()):
         if not path.is_file() or path.name.startswith("."):
@@ -232,9 +234,16 @@ def dicom_series_files(folder: str | os.PathLike, spacing_tolerance: float = 0.0
     first = slices[0][1]
     orientation = np.asarray([float(v) for v in first.ImageOrientationPatient], dtype=np.float64)
     size = (int(first.Rows), int(first.Columns))
-    for _, ds in slices[1:]:
+    pixel_spacing = _pixel_spacing(case, slices[0])
+    for path, ds in slices[1:]:
         if (int(ds.Rows), int(ds.Columns)) != size:
             raise _fail(case, f"DICOM slices of different sizes ({size} and {(int(ds.Rows), int(ds.Columns))})")
+        other_spacing = _pixel_spacing(case, (path, ds))
+        if not np.allclose(other_spacing, pixel_spacing, rtol=1e-4, atol=1e-6):
+            raise _fail(
+                case, f"DICOM slice {Path(path).name} has pixel spacing {other_spacing[0]:g} x {other_spacing[1]:g} mm, the "
+                f"series {pixel_spacing[0]:g} x {pixel_spacing[1]:g} mm: one volume needs one pixel spacing"
+            )  # fmt: skip
         other = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
         if not np.allclose(other, orientation, atol=1e-4):
             raise _fail(case, "DICOM slices with different orientations (ImageOrientationPatient) in one series")
@@ -252,6 +261,19 @@ def dicom_series_files(folder: str | os.PathLike, spacing_tolerance: float = 0.0
             f"median {median:.4g} mm): a missing slice?",
         )
     return [slices[i][0] for i in order]
+
+
+def _pixel_spacing(case: str, item: tuple[str, Any]) -> tuple[float, float]:
+    """A slice's PixelSpacing (row, column) in mm; refused when missing, zero or not finite."""
+    path, ds = item
+    try:
+        spacing = tuple(float(v) for v in ds.PixelSpacing)
+    except (AttributeError, TypeError, ValueError):
+        spacing = ()
+    if len(spacing) != 2 or not all(math.isfinite(v) and v > 0 for v in spacing):
+        found = "none" if not spacing else " x ".join(f"{v:g}" for v in spacing)
+        raise _fail(case, f"DICOM slice {Path(path).name} has no usable pixel spacing ({found}); no measurement in mm is possible")
+    return spacing  # type: ignore[return-value]
 
 
 def _starts_like_dicom(path: Path) -> bool:
@@ -393,7 +415,32 @@ def volume_grid(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray | 
             f"{path.name} holds {extra} volumes or channels (shape {'x'.join(map(str, shape))}"
             f"{f', {components} components per voxel' if components > 1 else ''}); one 3D volume per file is expected",
         )
+    _check_affine(case, path.name, affine)
     return shape[:3], affine
+
+
+def _check_affine(case: str, name: str, affine: np.ndarray) -> None:
+    """
+    Refuse a voxel -> world matrix that makes every mm figure wrong (non-finite, zero or singular: a voxel
+    size of 0 along some axis), and warn about a sheared one (its axes not at right angles), whose voxels
+    are not boxes: volumes in mm3 stay right, distances along the grid axes do not.
+    """
+    if not np.all(np.isfinite(affine)):
+        raise _fail(case, f"the voxel-to-world matrix (affine) of {name} is NaN or infinite; fix the header's geometry")
+    axes = affine[:3, :3]
+    sizes = np.linalg.norm(axes, axis=0)
+    if np.any(sizes <= 1e-6) or abs(np.linalg.det(axes)) <= 1e-9 * max(float(np.prod(sizes)), 1e-30):
+        spacing = " x ".join(f"{v:.4g}" for v in sizes)
+        raise _fail(
+            case, f"the voxel-to-world matrix (affine) of {name} is zero or singular (voxel size {spacing} mm): "
+            "no measurement in mm is possible; fix the header's spacing and direction"
+        )  # fmt: skip
+    cosines = (axes.T @ axes) / np.outer(sizes, sizes)
+    shear = float(np.max(np.abs(cosines - np.eye(3))))
+    if shear > 1e-3:
+        angle = math.degrees(math.asin(min(shear, 1.0)))
+        logger.warning(f"{case}: {name} has a sheared voxel grid (axes {angle:.2g} degrees off a right angle): "
+                       "distances along the grid axes are not the mm figures a box-shaped voxel would give")  # fmt: skip
 
 
 def volume_shape(path: str | os.PathLike) -> tuple[int, ...]:
