@@ -117,3 +117,12 @@ def test_the_same_seed_gives_the_same_weights(dataset, tmp_path):
     assert weights["first"].keys() == weights["second"].keys()
     assert all(torch.equal(weights["first"][k], weights["second"][k]) for k in weights["first"])
     assert not all(torch.equal(weights["first"][k], weights["other_seed"][k]) for k in weights["first"])
+
+
+def test_kill_resume_fuzz_benchmark_runs_clean(tmp_path):
+    """``benchmarks/kill_resume_fuzz.py`` at its smallest: random SIGKILLs, every check passes."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kill_resume_fuzz.py"
+    command = [sys.executable, str(script), "--kills", "2", "--epochs", "3", "--work_dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "final run: ok" in result.stdout and "FAIL" not in result.stdout
