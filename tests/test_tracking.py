@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import struct
 import subprocess
 import sys
 
@@ -266,9 +267,12 @@ def test_bundle_cli_tracks_to_default_sqlite_store(tmp_path):
     assert "bundle" in artifacts and any(p.startswith("config_") and p.endswith(".json") for p in artifacts)
 
 
-def test_is_terminal_tells_a_pseudo_terminal_from_a_pipe(tmp_path):
+def test_is_terminal_tells_a_sized_terminal_from_a_file(tmp_path):
+    fcntl, termios = pytest.importorskip("fcntl"), pytest.importorskip("termios")  # POSIX pseudo-terminals
     master, slave = os.openpty()
     with os.fdopen(slave, "w") as tty, open(tmp_path / "log.txt", "w") as log_file:
+        assert not is_terminal(tty)  # 0 columns: tqdm would draw nothing there
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
         assert is_terminal(tty) and not is_terminal(log_file)
     os.close(master)
     assert not is_terminal()  # pytest captures stderr
@@ -285,14 +289,21 @@ def test_loop_progress_logs_sparse_lines_without_a_terminal(caplog, capsys):
 
 
 def test_loop_progress_draws_a_tqdm_bar_and_keeps_log_records_above_it(caplog, capsys):
-    root_handlers = list(logging.getLogger().handlers)
+    own = logging.getLogger("own_console_handler")  # like MONAI's StatsHandler logger
+    own.addHandler(logging.StreamHandler(sys.stderr))
+    own.propagate = False
+    handlers = {"root": list(logging.getLogger().handlers), "own": list(own.handlers)}
     with caplog.at_level(logging.INFO, logger="loop_test"), LoopProgress(8, "inference", unit="image", bar=True, logger=logging.getLogger("loop_test")) as progress:
-        for _ in range(8):
+        for i in range(8):
             progress.update()
+            if i == 3:
+                assert own.handlers != handlers["own"]  # its records go through tqdm.write, above the bar
+                own.warning("half way")
     err = capsys.readouterr().err
-    assert "inference: 100%" in err and "8/8" in err and "image/s" in err
+    assert "inference: 100%" in err and "8/8" in err and "image/s" in err and "half way" in err
     assert not [r for r in caplog.records if r.name == "loop_test"]  # the bar replaces the lines
-    assert logging.getLogger().handlers == root_handlers  # console handlers given back
+    assert {"root": logging.getLogger().handlers, "own": own.handlers} == handlers  # console handlers given back
+    own.handlers.clear()
 
 
 def test_progress_logger_bar_logs_only_epoch_ends(caplog, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import sys
 import time
 from typing import IO, TYPE_CHECKING, Any
@@ -40,8 +41,9 @@ def is_terminal(stream: IO | None = None) -> bool:
     """
     stream = sys.stderr if stream is None else stream
     try:
-        return bool(has_tqdm and stream.isatty())
-    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        # a pseudo-terminal without a size (0 columns, e.g. `script` run from a job) shows no tqdm bar at all
+        return bool(has_tqdm and stream.isatty() and os.get_terminal_size(stream.fileno()).columns > 0)
+    except (AttributeError, ValueError, OSError):  # no isatty or fileno, a closed stream
         return False
 
 
@@ -65,6 +67,12 @@ def _loss_value(output: Any) -> float | None:
     if isinstance(output, (int, float)):
         return float(output)
     return None
+
+
+def _console_loggers() -> list[logging.Logger]:
+    """The root logger and every logger with handlers of its own (MONAI's ``StatsHandler`` has one)."""
+    own = [x for x in logging.Logger.manager.loggerDict.values() if isinstance(x, logging.Logger) and x.handlers]
+    return [logging.getLogger(), *own]
 
 
 def _rank() -> int:
@@ -126,7 +134,7 @@ class LoopProgress:
         self.bar = None
         self._redirect: contextlib.AbstractContextManager | None = None
         if self._active and (is_terminal() if bar is None else bar and has_tqdm):
-            self._redirect = logging_redirect_tqdm()
+            self._redirect = logging_redirect_tqdm(loggers=_console_loggers())
             self._redirect.__enter__()
             self.bar = tqdm(total=self.total, initial=self.done, desc=desc, unit=unit, dynamic_ncols=True)
 
