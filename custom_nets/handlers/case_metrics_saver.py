@@ -169,7 +169,8 @@ The means of the ``publish`` columns are put into ``engine.state.metrics``, so `
         n = len(self._cases)
         if world_size == 1:
             return list(range(n))
-        sampler = getattr(getattr(engine, "data_loader", None), "sampler", None)
+        loader = getattr(engine.state, "dataloader", None) or getattr(engine, "data_loader", None)
+        sampler = getattr(loader, "sampler", None)
         indices = list(sampler) if isinstance(sampler, torch.utils.data.DistributedSampler) else []
         if len(indices) == n:
             return [int(i) for i in indices]
