@@ -191,28 +191,25 @@ The means of the ``publish`` columns are put into ``engine.state.metrics``, so `
 
     def _save(self, engine: Engine) -> None:
         positions, cases, rows, rank = self._gathered(engine)
-        n = len(cases)
+        # back to dataset order, each case once (a padding DistributedSampler repeats some)
+        first: dict[int, int] = {}
+        for i in sorted(range(len(cases)), key=positions.__getitem__):
+            first.setdefault(positions[i], i)
+        order = list(first.values())
         columns: dict[str, list[Any]] = {}
         for column, handler in self.metrics.items():
             for name, values in self._handler_columns(column, handler).items():
-                if len(values) != n:
+                if len(values) != len(cases):
                     raise RuntimeError(
-                        f"metric '{column}' holds {len(values)} cases but {n} were evaluated; "
+                        f"metric '{column}' holds {len(values)} cases but {len(cases)} were evaluated; "
                         "is its handler attached to this evaluator?"
                     )
-                columns[name] = list(values)
+                columns[name] = [values[i] for i in order]
+        cases, rows = [cases[i] for i in order], [rows[i] for i in order]
+        n = len(cases)
         case_columns = list(dict.fromkeys(k for row in rows for k in row))
         for name in case_columns:
             columns[name] = [row.get(name) for row in rows]
-
-        # back to dataset order, each case once (a padding DistributedSampler repeats some)
-        first: dict[int, int] = {}
-        for i in sorted(range(n), key=positions.__getitem__):
-            first.setdefault(positions[i], i)
-        order = list(first.values())
-        cases = [cases[i] for i in order]
-        columns = {name: [values[i] for i in order] for name, values in columns.items()}
-        n = len(cases)
 
         # text columns (e.g. ``hc_note``, why a case has no HC) go to the per-case table only
         summary = {name: _summarise(values) for name, values in columns.items() if not any(isinstance(v, str) for v in values)}
