@@ -1,9 +1,13 @@
-"""CaseMetricsSaver on a real MONAI SupervisedEvaluator: one row per case from MONAI's metric handlers, and a summary."""
+"""CaseMetricsSaver on a real MONAI SupervisedEvaluator: one row per case from MONAI's metric handlers, and a summary; the same files from two torchrun (gloo) processes."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +18,8 @@ from monai.handlers import ConfusionMatrix, HausdorffDistance, MeanDice, from_en
 from monai.transforms import AsDiscreted
 
 from custom_nets.handlers.case_metrics_saver import CaseMetricsSaver
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class _Passthrough(torch.nn.Module):
@@ -115,3 +121,31 @@ def test_no_temporary_files_left(tmp_path):
 def test_rejects_a_metric_that_is_not_a_monai_handler(tmp_path):
     with pytest.raises(TypeError, match="MONAI metric handler"):
         CaseMetricsSaver(tmp_path, metrics={"dice": lambda y_pred, y: 0.0})
+
+
+DDP_SCRIPT = Path(__file__).with_name("_case_metrics_ddp.py")
+
+
+def _evaluate(out: Path, nproc: int, *args: str) -> Path:
+    """``tests/_case_metrics_ddp.py`` as one plain process, or under real torchrun with ``nproc`` gloo processes."""
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, *launcher, str(DDP_SCRIPT), str(out), *args], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("even_divisible", [False, True], ids=["uneven", "padded"])
+def test_two_process_files_equal_the_single_process_files(tmp_path, even_divisible):
+    args = ["--even_divisible"] if even_divisible else []
+    single = _evaluate(tmp_path / "single", 1, *args)
+    ddp = _evaluate(tmp_path / "ddp", 2, *args)
+    files = ["metrics_per_case.csv", "metrics_summary.csv", "metrics_summary.json"]
+    for name in files:
+        assert (ddp / "rank0" / name).read_bytes() == (single / "rank0" / name).read_bytes(), name
+    with open(ddp / "rank0" / "metrics_per_case.csv") as f:
+        assert [r["case"] for r in csv.DictReader(f)] == [f"{c}.png" for c in "gcafbed"]  # dataset order, each case once
+    assert not (ddp / "rank1").exists()  # only rank 0 writes
+    published = {json.loads((ddp / f"state_rank{r}.json").read_text())["size_px"] for r in (0, 1)}
+    assert published == {json.loads((single / "state_rank0.json").read_text())["size_px"]}  # the same on every rank

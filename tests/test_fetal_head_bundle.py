@@ -1,6 +1,6 @@
 """
 The HC18 fetal head bundle through MONAI's real CLI: train -> evaluate -> infer -> export on a few real HC18
-images and on synthetic data, multi-process training with torchrun (gloo), offline metadata checks, bad input.
+images and on synthetic data, multi-process training and evaluation with torchrun (gloo), offline metadata checks, bad input.
 
 Tiny runs: 64x64 network input, batch 2, one epoch, no loader workers.
 """
@@ -24,6 +24,7 @@ from monai.bundle import ConfigParser
 from monai.data import load_net_with_metadata
 from PIL import Image
 
+from custom_nets import AdaptiveCENet
 from custom_nets.data.hc18 import IMAGE_FOLDER, PIXEL_SIZE_CSV
 from custom_nets.data.synthetic_hc18 import generate
 
@@ -246,6 +247,28 @@ def test_multi_gpu_config_with_two_gloo_processes(tmp_path):
     # every rank restores the same file (here the run is complete already, so nothing is trained)
     resumed = bundle_cli(*train, "--resume", "true", cwd=tmp_path, command=("-m", "torch.distributed.run"))
     assert f"resume: continuing from iteration {last['trainer']['epoch_length']} (1 of 1 epochs complete)" in resumed.stdout
+
+
+def test_multi_gpu_evaluation_with_two_gloo_processes_writes_the_single_process_files(tmp_path, monkeypatch):
+    dataset = generate(str(tmp_path / "synthetic"), num_images=24, height=96, width=128, seed=2)
+    torch.manual_seed(0)  # an untrained network: evaluation only needs weights, and this spares a training run
+    weights = AdaptiveCENet(spatial_dims=2, in_channels=1, out_channels=2).state_dict()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's default per process; the same for the single run
+    configs = [str(BUNDLE / "configs" / name) for name in ("train.json", "evaluate.json", "multi_gpu_evaluate.json")]
+    for run, nproc in (("single", 1), ("ddp", 2)):
+        (tmp_path / run / "models").mkdir(parents=True)
+        torch.save(weights, tmp_path / run / "models" / "model.pt")
+        args = ("run", "evaluating", "--config_file", str(configs[: 2 if nproc == 1 else 3]), "--bundle_root", str(tmp_path / run), "--dataset_dir", dataset, *TINY)
+        args += ("--validate#dataset#data", "$@datalist['test'] + @datalist['validation']")  # 7 cases: 4 + 3 over two ranks
+        launcher = ("-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "monai.bundle") if nproc > 1 else ("-m", "monai.bundle")
+        bundle_cli(*args, cwd=tmp_path, command=launcher)
+    for name in ("metrics_per_case.csv", "metrics_summary.csv", "metrics_summary.json"):
+        assert (tmp_path / "ddp" / "eval" / name).read_bytes() == (tmp_path / "single" / "eval" / name).read_bytes(), name
+    datalist = json.loads((tmp_path / "ddp" / "eval" / "datalist.json").read_text())
+    cases = [Path(i["image"]).name for i in datalist["test"] + datalist["validation"]]
+    with open(tmp_path / "ddp" / "eval" / "metrics_per_case.csv") as f:
+        assert [r["case"] for r in csv.DictReader(f)] == cases  # dataset order, each case once
+    assert len(cases) % 2 == 1  # an uneven split over the two ranks
 
 
 def test_wrong_dataset_dir_is_a_one_line_error(tmp_path):

@@ -1,9 +1,11 @@
-"""FolderInference and its per-case writers: PNG, NIfTI and DICOM in, masks at the original size out, broken files isolated."""
+"""FolderInference and its per-case writers: PNG, NIfTI and DICOM in, masks at the original size out, broken files isolated, progress."""
 
 from __future__ import annotations
 
 import csv
+import logging
 import os
+import re
 
 import nibabel as nib
 import numpy as np
@@ -127,6 +129,26 @@ def test_broken_file_is_skipped_listed_and_exits_non_zero(inputs, tmp_path):
 def test_without_exit_code_the_rows_are_returned(inputs, tmp_path):
     rows = _runner(inputs, tmp_path / "out", exit_code_on_failure=None).run()
     assert [r["status"] == "ok" for r in rows] == [True, True, False, True, True]
+
+
+def test_progress_lines_in_a_log_count_failed_cases_too(inputs, tmp_path, caplog, capsys):
+    runner = _runner(inputs, tmp_path / "out", exit_code_on_failure=None)
+    runner.progress = False
+    with caplog.at_level(logging.INFO, logger="FolderInference"):
+        runner.run()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("inference: ")]
+    # 10 % of 5 inputs rounds up to one: a line per input, with the rate and the ETA
+    assert [line.split(" (")[0] for line in lines] == [f"inference: {i}/5" for i in range(1, 6)]
+    assert re.fullmatch(r"inference: 5/5 \(100%\) \S+ image/s elapsed \d+:\d\d:\d\d ETA 0:00:00", lines[-1])
+    assert "inference" not in capsys.readouterr().err  # no bar
+
+
+def test_progress_bar_on_a_terminal(inputs, tmp_path, capsys):
+    runner = _runner(inputs, tmp_path / "out", exit_code_on_failure=None)
+    runner.progress = True
+    runner.run()
+    err = capsys.readouterr().err
+    assert "inference: 100%" in err and "5/5" in err and "image/s" in err
 
 
 def test_png_mask_has_the_original_size_and_orientation(inputs, tmp_path):

@@ -79,6 +79,21 @@ def test_evaluation_reports_dice_and_hd95_in_mm(trained):
 
 
 @pytest.mark.slow
+def test_two_process_evaluation_writes_the_single_process_files(trained, tmp_path):
+    configs = [str(CONFIGS / name) for name in ("train.json", "evaluate.json", "multi_gpu_evaluate.json")]
+    cases = ("--validate#dataset#data", "$@datalist['test'] + @datalist['validation']")  # more cases than ranks
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default per process; the same for the single run
+    for out, launcher in ((tmp_path / "single", []), (tmp_path / "ddp", ["-m", "torch.distributed.run", "--nproc_per_node=2"])):
+        command = [sys.executable, *launcher, "-m", "monai.bundle", "run", "evaluating", "--config_file", str(configs[: 3 if launcher else 2]),
+                   "--bundle_root", str(trained), "--output_dir", str(out), *cases, *TINY]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    for name in ("metrics_per_case.csv", "metrics_summary.csv", "metrics_summary.json"):
+        assert (tmp_path / "ddp" / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
+    assert len((tmp_path / "ddp" / "metrics_per_case.csv").read_text().splitlines()) >= 3  # a header and a case per rank at least
+
+
+@pytest.mark.slow
 def test_inference_on_real_dicom_series_keeps_its_geometry(inferred, shared_data):
     _, outputs = inferred
     mask, reference = nib.load(outputs / "acrin001_seg.nii.gz"), nib.load(shared_data / "lung_ct" / "acrin_flt_breast_001" / "ct.nii.gz")

@@ -1,10 +1,11 @@
-"""MLflow tracking of a training run: run params and final metrics, fail-fast URI check, run names, progress lines."""
+"""MLflow tracking of a training run: run params and final metrics, fail-fast URI check, run names, progress lines and bars."""
 
 from __future__ import annotations
 
 import logging
 import os
 import re
+import struct
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from ignite.engine import Engine, Events
 
 from _tracking_helpers import free_port, mlflow_server, tiny_training, write_bundle_card, write_tiny_bundle
 from custom_nets.tracking import (
+    LoopProgress,
     MLflowRunParams,
     ProgressLogger,
     TrackingUnreachableError,
@@ -21,6 +23,7 @@ from custom_nets.tracking import (
     experiment_name,
     format_duration,
     git_commit,
+    is_terminal,
     run_name,
 )
 
@@ -262,3 +265,53 @@ def test_bundle_cli_tracks_to_default_sqlite_store(tmp_path):
     assert {"train_loss", "lr_group_0", "val_mean_dice", "best_val_mean_dice"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "bundle" in artifacts and any(p.startswith("config_") and p.endswith(".json") for p in artifacts)
+
+
+def test_is_terminal_tells_a_sized_terminal_from_a_file(tmp_path):
+    fcntl, termios = pytest.importorskip("fcntl"), pytest.importorskip("termios")  # POSIX pseudo-terminals
+    master, slave = os.openpty()
+    with os.fdopen(slave, "w") as tty, open(tmp_path / "log.txt", "w") as log_file:
+        assert not is_terminal(tty)  # 0 columns: tqdm would draw nothing there
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        assert is_terminal(tty) and not is_terminal(log_file)
+    os.close(master)
+    assert not is_terminal()  # pytest captures stderr
+
+
+def test_loop_progress_logs_sparse_lines_without_a_terminal(caplog, capsys):
+    with caplog.at_level(logging.INFO, logger="loop_test"), LoopProgress(20, "inference", unit="image", percent_step=25, logger=logging.getLogger("loop_test")) as progress:
+        for _ in range(20):
+            progress.update()
+    lines = [r.getMessage() for r in caplog.records if r.name == "loop_test"]
+    assert [line.split(" (")[0] for line in lines] == ["inference: 5/20", "inference: 10/20", "inference: 15/20", "inference: 20/20"]
+    assert re.fullmatch(r"inference: 20/20 \(100%\) \S+ image/s elapsed \d+:\d\d:\d\d ETA 0:00:00", lines[-1])
+    assert capsys.readouterr().err == ""  # no bar
+
+
+def test_loop_progress_draws_a_tqdm_bar_and_keeps_log_records_above_it(caplog, capsys):
+    own = logging.getLogger("own_console_handler")  # like MONAI's StatsHandler logger
+    own.addHandler(logging.StreamHandler(sys.stderr))
+    own.propagate = False
+    handlers = {"root": list(logging.getLogger().handlers), "own": list(own.handlers)}
+    with caplog.at_level(logging.INFO, logger="loop_test"), LoopProgress(8, "inference", unit="image", bar=True, logger=logging.getLogger("loop_test")) as progress:
+        for i in range(8):
+            progress.update()
+            if i == 3:
+                assert own.handlers != handlers["own"]  # its records go through tqdm.write, above the bar
+                own.warning("half way")
+    err = capsys.readouterr().err
+    assert "inference: 100%" in err and "8/8" in err and "image/s" in err and "half way" in err
+    assert not [r for r in caplog.records if r.name == "loop_test"]  # the bar replaces the lines
+    assert {"root": logging.getLogger().handlers, "own": own.handlers} == handlers  # console handlers given back
+    own.handlers.clear()
+
+
+def test_progress_logger_bar_logs_only_epoch_ends(caplog, capsys):
+    trainer = Engine(lambda engine, batch: {"loss": torch.tensor(0.25)})
+    ProgressLogger(interval=1, name="progress_test", bar=True).attach(trainer)
+    with caplog.at_level(logging.INFO, logger="progress_test"):
+        trainer.run(range(5), max_epochs=2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "progress_test"]
+    assert [line.split(" (")[0] for line in lines] == ["epoch 1/2 iter 5/5", "epoch 2/2 iter 5/5"]
+    err = capsys.readouterr().err
+    assert "training: 100%" in err and "10/10" in err and "loss=0.2500" in err and "epoch=2/2" in err

@@ -31,6 +31,7 @@ from monai.inferers import Inferer, SimpleInferer
 
 from custom_nets.data.atomic_write import write_csv_atomic
 from custom_nets.errors import InputError, exception_chain
+from custom_nets.tracking.progress import LoopProgress
 
 __all__ = ["IMAGE_SUFFIXES", "list_images", "check_output_dir", "one_line_error", "FolderInference"]
 
@@ -363,6 +364,10 @@ class FolderInference:
         self.logger.info(f"time per image in ms: {stages}{overlap}")
         self.logger.info(f"throughput: {self.profile['images_per_second']:.2f} images/s ({self.profile['wall_ms']:.1f} ms per image, wall)")
 
+    #: progress of :meth:`run`: a tqdm bar (``True``), a line every 10 % of the inputs (``False``), or a bar
+    #: only when standard error is a terminal (``None``); see :class:`custom_nets.tracking.LoopProgress`
+    progress: bool | None = None
+
     def run(self) -> list[dict[str, Any]]:
         """Infer every input; write the results table; exit with ``exit_code_on_failure`` when a case failed."""
         if self.output_dir is not None:
@@ -372,6 +377,8 @@ class FolderInference:
         rows: list[dict[str, Any]] = []
         failures: list[tuple[str, str]] = []
         start = time.perf_counter()
+        # a tqdm bar (rate, ETA) on a terminal; in a log, a progress line every 10 % of the inputs
+        progress = LoopProgress(len(self.inputs), "inference", unit="image", bar=self.progress, logger=self.logger)
         for index, item, future in self._cases():
             path = str(item.get(self.image_key))
             try:
@@ -381,9 +388,12 @@ class FolderInference:
                 failures.append((path, reason))
                 rows.append({"image": os.path.basename(path), "status": f"failed: {reason}"})
                 self.logger.error(f"[{index}/{len(self.inputs)}] {_naming(path, reason)}")
+                progress.update()
                 continue
             rows.append({"image": os.path.basename(path), "status": "ok", **columns})
             self.logger.info(f"[{index}/{len(self.inputs)}] {os.path.basename(path)}: ok")
+            progress.update()
+        progress.close()
         elapsed = time.perf_counter() - start
         if self.results_csv is not None:
             write_csv_atomic(self.results_csv, rows)

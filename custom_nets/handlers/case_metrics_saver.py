@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from monai.metrics import ConfusionMatrixMetric, compute_confusion_matrix_metric
 from monai.utils import IgniteInfo, min_version, optional_import
 
@@ -57,6 +58,13 @@ The means of the ``publish`` columns are put into ``engine.state.metrics``, so `
     Non-finite values (an empty prediction's Hausdorff distance) are written as they are and left
     out of the summary; the summary counts the cases used. Files are written atomically, to
     ``output_dir``: ``metrics_per_case.csv``, ``metrics_summary.csv`` and ``metrics_summary.json``.
+
+    Distributed evaluation (``torch.distributed`` initialised, e.g. a bundle's ``multi_gpu_evaluate.json``
+    under ``torchrun``): attach the handler on every rank, as saving is collective. The rows of all
+    ranks are gathered (``all_gather_object``; MONAI's metric buffers gather themselves) and put back
+    in dataset order from the indices of the data loader's sampler (a ``DistributedSampler``), so the
+    files equal those of one process; a case that a padding sampler (``even_divisible=True``) gives
+    twice is written once. Every rank publishes the same means; only rank 0 writes and logs.
 
     Args:
         output_dir: folder of the three files (created when missing).
@@ -156,20 +164,52 @@ The means of the ``publish`` columns are put into ``engine.state.metrics``, so `
         names = self.channel_names or [str(i) for i in range(values.shape[1])]
         return {f"{column}_{names[i]}": values[:, i] for i in range(values.shape[1])}
 
-    def _save(self, engine: Engine) -> None:
+    def _positions(self, engine: Engine, rank: int, world_size: int) -> list[int]:
+        """Dataset indices of this rank's cases, in the order they were evaluated."""
         n = len(self._cases)
+        if world_size == 1:
+            return list(range(n))
+        loader = getattr(engine.state, "dataloader", None) or getattr(engine, "data_loader", None)
+        sampler = getattr(loader, "sampler", None)
+        indices = list(sampler) if isinstance(sampler, torch.utils.data.DistributedSampler) else []
+        if len(indices) == n:
+            return [int(i) for i in indices]
+        # no sampler to ask (or a partial epoch): a DistributedSampler without shuffling deals cases round-robin
+        return [rank + k * world_size for k in range(n)]
+
+    def _gathered(self, engine: Engine) -> tuple[list[int], list[str], list[dict[str, Any]], int]:
+        """``(positions, cases, rows, rank)`` of all ranks, rank after rank (the order MONAI's metric buffers gather in)."""
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        local = (self._positions(engine, rank, world_size), self._cases, self._rows)
+        parts: list[Any] = [local]
+        if world_size > 1:
+            parts = [None] * world_size
+            dist.all_gather_object(parts, local)
+        positions, cases, rows = ([x for part in parts for x in part[i]] for i in range(3))
+        return positions, cases, rows, rank
+
+    def _save(self, engine: Engine) -> None:
+        positions, cases, rows, rank = self._gathered(engine)
+        # back to dataset order, each case once (a padding DistributedSampler repeats some)
+        first: dict[int, int] = {}
+        for i in sorted(range(len(cases)), key=positions.__getitem__):
+            first.setdefault(positions[i], i)
+        order = list(first.values())
         columns: dict[str, list[Any]] = {}
         for column, handler in self.metrics.items():
             for name, values in self._handler_columns(column, handler).items():
-                if len(values) != n:
+                if len(values) != len(cases):
                     raise RuntimeError(
-                        f"metric '{column}' holds {len(values)} cases but {n} were evaluated; "
-                        "is its handler attached to this evaluator (and run without DDP)?"
+                        f"metric '{column}' holds {len(values)} cases but {len(cases)} were evaluated; "
+                        "is its handler attached to this evaluator?"
                     )
-                columns[name] = list(values)
-        case_columns = list(dict.fromkeys(k for row in self._rows for k in row))
+                columns[name] = [values[i] for i in order]
+        cases, rows = [cases[i] for i in order], [rows[i] for i in order]
+        n = len(cases)
+        case_columns = list(dict.fromkeys(k for row in rows for k in row))
         for name in case_columns:
-            columns[name] = [row.get(name) for row in self._rows]
+            columns[name] = [row.get(name) for row in rows]
 
         # text columns (e.g. ``hc_note``, why a case has no HC) go to the per-case table only
         summary = {name: _summarise(values) for name, values in columns.items() if not any(isinstance(v, str) for v in values)}
@@ -179,7 +219,9 @@ The means of the ``publish`` columns are put into ``engine.state.metrics``, so `
             if summary[name]["count"]:
                 engine.state.metrics[name] = summary[name]["mean"]
 
-        per_case = [{"case": case, **{name: columns[name][i] for name in columns}} for i, case in enumerate(self._cases)]
+        if rank > 0:
+            return
+        per_case = [{"case": case, **{name: columns[name][i] for name in columns}} for i, case in enumerate(cases)]
         write_csv_atomic(os.path.join(self.output_dir, self.per_case_file), per_case, ["case", *columns])
         summary_rows = [{"metric": name, **stats} for name, stats in summary.items()]
         base = os.path.splitext(self.summary_file)[0]

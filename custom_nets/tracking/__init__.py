@@ -15,9 +15,10 @@ from custom_nets.tracking.params import (
     git_commit,
     run_name,
 )
-from custom_nets.tracking.progress import ProgressLogger, format_duration
+from custom_nets.tracking.progress import LoopProgress, ProgressLogger, format_duration, is_terminal
 
 __all__ = [
+    "LoopProgress",
     "MLflowRunParams",
     "ProgressLogger",
     "TrackingUnreachableError",
@@ -26,5 +27,6 @@ __all__ = [
     "find_attached",
     "format_duration",
     "git_commit",
+    "is_terminal",
     "run_name",
 ]
