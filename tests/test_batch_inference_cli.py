@@ -151,21 +151,24 @@ def test_csv_datalist_with_a_missing_column_is_one_line(hc18):
     assert (hc18["root"] / "csv" / "001_HC_mask.png").is_file()
 
 
-def test_lung_ct_csv_datalist_in_two_shards_merged(tmp_path):
+def test_lung_ct_csv_datalist_in_two_shards_merged_with_the_nodule_table(tmp_path):
     rng = np.random.default_rng(3)
     for name in ("a", "b", "c"):
         nib.save(nib.Nifti1Image((rng.random((24, 24, 6)) * 1400 - 1000).astype(np.float32), np.diag([0.8, 0.8, 2.5, 1.0])), tmp_path / f"{name}.nii.gz")
     (tmp_path / "cases.csv").write_text("image\nc.nii.gz\na.nii.gz\nb.nii.gz\n")
     model = _model(tmp_path / "model.pt", 1, 2)
     args = ("--input_datalist", str(tmp_path / "cases.csv"), "--image_size", "[32,32]")
+    _ok(_infer("lung_nodule_ct_segmentation", tmp_path, model, *args, "--output_dir", str(tmp_path / "single")))
     for shard in ("0/2", "1/2"):
         _ok(_infer("lung_nodule_ct_segmentation", tmp_path, model, *args, "--output_dir", str(tmp_path / "out"), "--shard", shard))
+    assert {p.name for p in (tmp_path / "out").glob("nodules*.csv")} == {"nodules.shard-0-of-2.csv", "nodules.shard-1-of-2.csv"}
     _ok(_run(sys.executable, "-m", "custom_nets", "merge_results", str(tmp_path / "out"), cwd=tmp_path))
     with open(tmp_path / "out" / "results.csv", newline="") as f:
         assert [(r["image"], r["status"], r["mask"]) for r in csv.DictReader(f)] == [
             ("c.nii.gz", "ok", "c_seg.nii.gz"), ("a.nii.gz", "ok", "a_seg.nii.gz"), ("b.nii.gz", "ok", "b_seg.nii.gz"),
         ]  # fmt: skip
-    assert {p.name for p in (tmp_path / "out").glob("nodules*.csv")} == {"nodules.shard-0-of-2.csv", "nodules.shard-1-of-2.csv"}
+    for table in ("results.csv", "nodules.csv"):
+        assert (tmp_path / "out" / table).read_bytes() == (tmp_path / "single" / table).read_bytes()
 
 
 def test_brain_mri_json_datalist_of_case_folders(tmp_path):

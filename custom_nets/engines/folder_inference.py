@@ -32,7 +32,7 @@ from monai.inferers import Inferer, SimpleInferer
 from custom_nets.data.atomic_write import write_csv_atomic
 from custom_nets.data.inference_inputs import as_flag
 from custom_nets.engines.resume import CaseJournal, case_complete, journal_row
-from custom_nets.engines.scaleout import barrier, merge_shard_tables, parse_shard
+from custom_nets.engines.scaleout import barrier, merge_shard_tables, merge_side_tables, parse_shard
 from custom_nets.errors import InputError, exception_chain
 
 __all__ = ["IMAGE_SUFFIXES", "list_images", "check_output_dir", "one_line_error", "FolderInference"]
@@ -453,6 +453,7 @@ class FolderInference:
             barrier(shard)  # every rank's table and journal are complete
             if shard.index == 0:
                 rows = merge_shard_tables(self.results_csv, shard.count)
+                merge_side_tables(self.results_csv, shard.count)  # e.g. nodules.csv of the lung CT bundle
                 self.logger.info(f"results table (all {shard.count} ranks): {self.results_csv}")
             barrier(shard)  # no rank exits before the merge: torchrun would stop rank 0
         elif shard.sharded:

@@ -25,13 +25,14 @@ from custom_nets.data.atomic_write import write_csv_atomic
 from custom_nets.engines.resume import CaseJournal
 from custom_nets.errors import InputError
 
-__all__ = ["Shard", "parse_shard", "barrier", "merge_shard_tables", "merge_results", "merge_results_command"]
+__all__ = ["Shard", "parse_shard", "barrier", "merge_shard_tables", "merge_case_tables", "merge_results", "merge_results_command"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 _SHARD_JOURNAL = re.compile(r"^(?P<stem>.+)\.shard-(?P<index>\d+)-of-(?P<count>\d+)\.journal\.jsonl$")
+_SHARD_TABLE = re.compile(r"^(?P<stem>.+)\.shard-(?P<index>\d+)-of-(?P<count>\d+)\.csv$")
 
 
 @dataclass(frozen=True)
@@ -135,10 +136,62 @@ def merge_shard_tables(table: str | os.PathLike, count: int) -> list[dict[str, A
     return rows
 
 
+def merge_case_tables(table: str | os.PathLike, count: int, inputs: Sequence[str]) -> Path | None:
+    """
+    Merge the shard parts of a per-case side table (rows with a ``case`` column, e.g. the lung CT bundle's
+    ``nodules.shard-i-of-n.csv``) into ``table``: the rows of each case in the order of ``inputs`` (the
+    input paths, whose case names are :func:`custom_nets.data.volume_io.case_name`), each line kept as
+    written. Returns ``table``, or ``None`` when a part is missing (nothing is written then).
+    """
+    import csv
+
+    from custom_nets.data.atomic_write import write_text_atomic
+    from custom_nets.data.volume_io import case_name
+
+    table = Path(table)
+    parts = [Shard(i, count).file_path(table) for i in range(count)]
+    if not all(p.is_file() for p in parts):
+        logger.warning(f"{table}: not merged: part(s) {', '.join(p.name for p in parts if not p.is_file())} missing")
+        return None
+    order = {case_name(path): n for n, path in enumerate(inputs)}
+    header, lines = "", []
+    for part in parts:
+        text = part.read_bytes().decode("utf-8").splitlines(keepends=True)  # line ends as written (csv: \r\n)
+        if not text:
+            continue
+        header = header or text[0]
+        column = next(csv.reader([text[0]])).index("case") if "case" in next(csv.reader([text[0]])) else None
+        for line in text[1:]:
+            case = next(csv.reader([line]))[column] if column is not None else ""
+            lines.append((order.get(case, len(order)), len(lines), line))
+    write_text_atomic(table, header + "".join(line for *_, line in sorted(lines)))
+    logger.info(f"{table}: merged {len(lines)} row(s) of {count} shard(s)")
+    return table
+
+
+def merge_side_tables(table: str | os.PathLike, count: int) -> list[Path]:
+    """
+    Merge the sharded tables beside ``table`` that have no journal (per-case side tables such as
+    ``nodules.shard-i-of-n.csv``) with :func:`merge_case_tables`, cases in the input order of ``table``'s
+    shard journals; return the merged side tables.
+    """
+    table = Path(table)
+    records = [r for i in range(count) for r in CaseJournal(Shard(i, count).journal_path(table)).records()]
+    inputs = [str(r["input"]) for r in sorted(records, key=lambda r: int(r["index"]))]
+    sides = set()
+    for p in table.parent.iterdir():
+        match = _SHARD_TABLE.match(p.name)
+        if match and int(match.group("count")) == count and match.group("stem") != table.stem:
+            sides.add(match.group("stem"))
+    merged = [merge_case_tables(table.with_name(f"{side}.csv"), count, inputs) for side in sorted(sides)]
+    return [path for path in merged if path is not None]
+
+
 def merge_results(output_dir: str | os.PathLike) -> list[Path]:
     """
     Merge every sharded table in ``output_dir`` (found by its journals ``<name>.shard-i-of-n.journal.jsonl``)
-    into ``<name>.csv``; return the merged tables.
+    into ``<name>.csv``, then the per-case side tables of the same shards (``nodules.shard-i-of-n.csv``,
+    :func:`merge_case_tables`); return the merged tables.
 
     Raises:
         InputError: ``output_dir`` is not a folder, holds no shard journal, or a table's shards are
@@ -147,11 +200,7 @@ def merge_results(output_dir: str | os.PathLike) -> list[Path]:
     folder = Path(output_dir)
     if not folder.is_dir():
         raise InputError(f"{folder}: output folder not found")
-    groups: dict[tuple[str, int], int] = {}
-    for p in sorted(folder.iterdir()):
-        match = _SHARD_JOURNAL.match(p.name)
-        if match:
-            groups[(match.group("stem"), int(match.group("count")))] = 1
+    groups = sorted({(m.group("stem"), int(m.group("count"))) for p in folder.iterdir() if (m := _SHARD_JOURNAL.match(p.name))})
     if not groups:
         raise InputError(f"{folder}: no shard journal (*.shard-<i>-of-<n>.journal.jsonl): nothing to merge")
     stems = [stem for stem, _ in groups]
@@ -161,6 +210,8 @@ def merge_results(output_dir: str | os.PathLike) -> list[Path]:
     for stem, count in groups:
         merge_shard_tables(folder / f"{stem}.csv", count)
         merged.append(folder / f"{stem}.csv")
+    if len(groups) == 1:  # side tables belong to the run's one main table
+        merged += merge_side_tables(merged[0], groups[0][1])
     return merged
 
 
