@@ -188,6 +188,7 @@ def test_a_killed_run_continues_and_keeps_the_earlier_rows(hc18, tmp_path, caplo
     with pytest.raises(KeyboardInterrupt):
         _runner(inputs, out, extra_outputs=[_KilledAfter(3)]).run()
     assert not (out / "results.csv").exists() and len((out / "results.journal.jsonl").read_text().splitlines()) == 2
+    assert str(hc18) not in (out / "results.journal.jsonl").read_text()  # input paths only as hashes: they may name patients
     with caplog.at_level(logging.INFO):
         rows = _runner(inputs, out, skip_existing="true").run()
     assert "skip_existing: 2 case(s) already complete, 3 to run" in caplog.text

@@ -31,7 +31,7 @@ from monai.inferers import Inferer, SimpleInferer
 
 from custom_nets.data.atomic_write import write_csv_atomic
 from custom_nets.data.inference_inputs import as_flag
-from custom_nets.engines.resume import CaseJournal, case_complete, journal_row
+from custom_nets.engines.resume import CaseJournal, case_complete, input_id, journal_row
 from custom_nets.engines.scaleout import barrier, merge_shard_tables, merge_side_tables, parse_shard
 from custom_nets.errors import InputError, exception_chain
 
@@ -385,7 +385,7 @@ class FolderInference:
         earlier = journal.by_input()
         kept: dict[int, dict[str, Any]] = {}
         for index, item in indexed:
-            record = earlier.get(str(item.get(self.image_key)))
+            record = earlier.get(input_id(str(item.get(self.image_key))))
             if record is None:
                 continue
             reason = case_complete(record, self.output_dir if self.output_dir is not None else ".")
@@ -436,7 +436,7 @@ class FolderInference:
             else:
                 row, shape = {"image": os.path.basename(path), "status": "ok", **result["columns"]}, result["shape"]
                 self.logger.info(f"[{position}/{len(todo)}] {os.path.basename(path)}: ok")
-            records[index] = {"index": index, "total": len(self.inputs), "input": path, "row": journal_row(row), "shape": shape}
+            records[index] = {"index": index, "total": len(self.inputs), "input": input_id(path), "row": journal_row(row), "shape": shape}
             if journal is not None:
                 journal.append(records[index])
         elapsed = time.perf_counter() - start

@@ -3,8 +3,8 @@ The journal of a batch inference, so that a killed job can continue (``--skip_ex
 
 The results table is written once, at the end of a run; a job killed before that leaves masks but no
 table. So every finished case is also appended at once to a journal next to the table
-(``<table>.journal.jsonl``, one JSON line per case: input index, input path, the row exactly as the
-table gets it, the mask's shape). A resumed run skips a case when its journal row says ``ok`` and its
+(``<table>.journal.jsonl``, one JSON line per case: input index, a hash of the input path, the row
+exactly as the table gets it, the mask's shape). A resumed run skips a case when its journal row says ``ok`` and its
 files are complete (:func:`case_complete`), and the table it writes holds the kept rows and the new
 ones in input order, so nothing written before is lost. At the end of a run the journal is rewritten
 (atomically) with exactly the rows of the table.
@@ -12,6 +12,7 @@ ones in input order, so nothing written before is lost. At the end of a run the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,12 +24,20 @@ import numpy as np
 
 from custom_nets.data.atomic_write import _csv_cell, write_text_atomic
 
-__all__ = ["FILE_COLUMNS", "journal_row", "CaseJournal", "case_complete"]
+__all__ = ["FILE_COLUMNS", "input_id", "journal_row", "CaseJournal", "case_complete"]
 
 logger = logging.getLogger(__name__)
 
 #: Result columns that name an output file of the case, checked by :func:`case_complete`.
 FILE_COLUMNS = ("mask", "overlay", "dicom_seg")
+
+
+def input_id(path: str | os.PathLike) -> str:
+    """
+    The journal's name of an input: a SHA-256 of its path. Input paths often hold patient names or IDs
+    (``/data/Doe^John/series``); the journal, like the table, must not.
+    """
+    return hashlib.sha256(os.fspath(path).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def journal_row(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -63,7 +72,7 @@ class CaseJournal:
         return records
 
     def by_input(self) -> dict[str, dict[str, Any]]:
-        """The latest record of each input path."""
+        """The latest record of each input (by :func:`input_id`)."""
         return {str(r.get("input")): r for r in self.records()}
 
     def append(self, record: Mapping[str, Any]) -> None:

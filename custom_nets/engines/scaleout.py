@@ -140,8 +140,8 @@ def merge_case_tables(table: str | os.PathLike, count: int, inputs: Sequence[str
     """
     Merge the shard parts of a per-case side table (rows with a ``case`` column, e.g. the lung CT bundle's
     ``nodules.shard-i-of-n.csv``) into ``table``: the rows of each case in the order of ``inputs`` (the
-    input paths, whose case names are :func:`custom_nets.data.volume_io.case_name`), each line kept as
-    written. Returns ``table``, or ``None`` when a part is missing (nothing is written then).
+    input names of the results rows, whose case names are :func:`custom_nets.data.volume_io.case_name`),
+    each line kept as written. Returns ``table``, or ``None`` when a part is missing (nothing is written then).
     """
     import csv
 
@@ -177,7 +177,7 @@ def merge_side_tables(table: str | os.PathLike, count: int) -> list[Path]:
     """
     table = Path(table)
     records = [r for i in range(count) for r in CaseJournal(Shard(i, count).journal_path(table)).records()]
-    inputs = [str(r["input"]) for r in sorted(records, key=lambda r: int(r["index"]))]
+    inputs = [str(r["row"].get("image", "")) for r in sorted(records, key=lambda r: int(r["index"]))]
     sides = set()
     for p in table.parent.iterdir():
         match = _SHARD_TABLE.match(p.name)
