@@ -727,7 +727,8 @@ def test_failed_case_leaves_no_partial_file_and_the_batch_goes_on(png_inputs, tm
     assert rows["a.png"] == "ok"
     assert rows["b.png"] == "failed: OSError: disk full"
     assert rows["trunc.png"].startswith(f"failed: {png_inputs / 'trunc.png'}: cannot read the image")
-    assert sorted(p.name for p in out.iterdir()) == ["a.bin", "results.csv"]  # nothing half-written, no temp file
+    # nothing half-written, no temp file; the journal is what lets --skip_existing continue a killed run
+    assert sorted(p.name for p in out.iterdir()) == ["a.bin", "results.csv", "results.journal.jsonl"]
 
 
 def _huge_png(folder: Path) -> Path:

@@ -67,6 +67,18 @@ def test_nodule_table_covers_every_case_of_the_run(scan, tmp_path):
     assert float(rows[0]["volume_mm3"]) == pytest.approx(6 * 6 * 4 * 0.8 * 0.7 * 2.5)
 
 
+@pytest.mark.parametrize("keep_existing, expected", [("true", ["scan_07", "scan_07", "scan_08", "scan_08"]), (False, ["scan_08", "scan_08"])])
+def test_a_resumed_run_keeps_the_nodules_of_earlier_cases(scan, tmp_path, keep_existing, expected):
+    path, data = scan
+    case = LoadVolumed("image")({"image": str(path)})
+    case["pred"] = torch.from_numpy(data > 50)[None]
+    NoduleTableWriter(tmp_path / "out")(case)  # the killed run finished scan_07
+    case["image"].meta["case"] = "scan_08"
+    NoduleTableWriter(tmp_path / "out", keep_existing=keep_existing)(case)  # --skip_existing runs scan_08 only
+    with open(tmp_path / "out" / "nodules.csv", newline="") as f:
+        assert [r["case"] for r in csv.DictReader(f)] == expected
+
+
 @pytest.mark.parametrize("affine, expected", [(np.diag([0.7, 0.7, 2.5, 1.0]), 5.0), (None, 2.0)])
 def test_hausdorff_distance_in_millimetres_from_the_affine(affine, expected):
     from monai.data import MetaTensor

@@ -30,6 +30,9 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer
 
 from custom_nets.data.atomic_write import write_csv_atomic
+from custom_nets.data.inference_inputs import as_flag
+from custom_nets.engines.resume import CaseJournal, case_complete, input_id, journal_row
+from custom_nets.engines.scaleout import barrier, merge_shard_tables, merge_side_tables, parse_shard
 from custom_nets.errors import InputError, exception_chain
 from custom_nets.tracking.progress import LoopProgress
 
@@ -198,6 +201,15 @@ class FolderInference:
             overlaps it (2D images: the ellipse fit of one frame runs beside the network on the next). False
             post-processes right after the network in the calling thread, holding one large volume's
             arrays at a time.
+        shard: ``"i/n"``: run only the inputs ``i, i + n, ...`` and write this shard's table and journal
+            (:mod:`custom_nets.engines.scaleout`; merged by ``python -m custom_nets merge_results``).
+            Under ``torchrun`` the shard is the process's rank and rank 0 merges after a barrier.
+        skip_existing: skip the inputs whose journal row is ``ok`` and whose files are complete
+            (:func:`custom_nets.engines.resume.case_complete`); their rows are kept in the table. Off,
+            the journal starts afresh.
+
+    Every finished case is appended to a journal next to the table (``<table>.journal.jsonl``) at once,
+    so a killed run can be continued with ``skip_existing``.
 
     Returns from :meth:`run` the rows of the results table. At the end of a run the time per image of
     each stage (``check``, ``preprocess``, ``network``, ``postprocess``, each case output by class name)
@@ -235,6 +247,8 @@ class FolderInference:
         empty_mask_for_constant_input: bool = True,
         prefetch: int = 2,
         postprocess_behind: bool = True,
+        shard: str | None = None,
+        skip_existing: bool | str = False,
     ) -> None:
         self.inputs = [dict(i) if isinstance(i, Mapping) else {image_key: os.fspath(i)} for i in inputs]
         self.network = network
@@ -257,6 +271,8 @@ class FolderInference:
         self.empty_mask_for_constant_input = empty_mask_for_constant_input
         self.prefetch = int(prefetch)
         self.postprocess_behind = bool(postprocess_behind)
+        self.shard = shard
+        self.skip_existing = as_flag(skip_existing)
         self.stage_seconds: dict[str, float] = {}
         self.profile: dict[str, float] = {}
         self._timing_lock = threading.Lock()
@@ -306,22 +322,23 @@ class FolderInference:
             self.logger.warning(f"{item[self.image_key]}: constant image after pre-processing, nothing to segment: empty mask")
         for output in self.case_outputs:
             columns.update(self._timed(_stage_name(output), output, case) or {})
-        return columns
+        # the written mask's shape, kept in the journal: a resumed run checks the file against it
+        return {"columns": columns, "shape": [int(n) for n in torch.as_tensor(case[self.pred_key]).shape]}
 
     def _infer_one(self, item: dict[str, Any]) -> dict[str, Any]:
         """One case, start to end, in the calling thread."""
         case, constant = self._load(item)
         return self._finish(item, self._predict(case), constant)
 
-    def _cases(self) -> Iterator[tuple[int, dict[str, Any], Future]]:
+    def _cases(self, inputs: Sequence[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any], Future]]:
         """
-        ``(index, item, future of the result columns)`` in input order. With ``prefetch``, the next inputs
+        ``(position, item, future of the result columns and mask shape)`` of ``inputs`` in order. With ``prefetch``, the next inputs
         are read and pre-processed in one thread, and the predictions post-processed, measured and written in
         another, while the network runs in the calling thread;
         at most ``prefetch`` cases wait on either side, which bounds the memory held.
         """
         if self.prefetch <= 0:
-            for index, item in enumerate(self.inputs, start=1):
+            for index, item in enumerate(inputs, start=1):
                 future: Future = Future()
                 try:
                     future.set_result(self._infer_one(item))
@@ -330,12 +347,12 @@ class FolderInference:
                 yield index, item, future
             return
         with ThreadPoolExecutor(1, "prefetch") as loader, ThreadPoolExecutor(1, "outputs") as writer:
-            loads: deque[Future] = deque(loader.submit(self._load, i) for i in self.inputs[: self.prefetch])
+            loads: deque[Future] = deque(loader.submit(self._load, i) for i in inputs[: self.prefetch])
             written: deque[tuple[int, dict[str, Any], Future]] = deque()
-            for index, item in enumerate(self.inputs, start=1):
+            for index, item in enumerate(inputs, start=1):
                 load = loads.popleft()
-                if index + self.prefetch <= len(self.inputs):
-                    loads.append(loader.submit(self._load, self.inputs[index + self.prefetch - 1]))
+                if index + self.prefetch <= len(inputs):
+                    loads.append(loader.submit(self._load, inputs[index + self.prefetch - 1]))
                 try:
                     case, constant = load.result()
                     case = self._predict(case)
@@ -368,43 +385,93 @@ class FolderInference:
     #: only when standard error is a terminal (``None``); see :class:`custom_nets.tracking.LoopProgress`
     progress: bool | None = None
 
+    def _resumed(self, indexed: Sequence[tuple[int, dict[str, Any]]], journal: CaseJournal) -> dict[int, dict[str, Any]]:
+        """The journal records of the inputs that need no new run (``skip_existing``), by input index."""
+        earlier = journal.by_input()
+        kept: dict[int, dict[str, Any]] = {}
+        for index, item in indexed:
+            record = earlier.get(input_id(str(item.get(self.image_key))))
+            if record is None:
+                continue
+            reason = case_complete(record, self.output_dir if self.output_dir is not None else ".")
+            if reason is None:
+                kept[index] = {**record, "index": index, "total": len(self.inputs)}
+            else:
+                self.logger.info(f"{item.get(self.image_key)}: runs again ({reason})")
+        return kept
+
     def run(self) -> list[dict[str, Any]]:
-        """Infer every input; write the results table; exit with ``exit_code_on_failure`` when a case failed."""
+        """
+        Infer every input (of this shard); write the results table; exit with ``exit_code_on_failure``
+        when a case failed. Returns the rows of the table this process wrote (the merged one on rank 0
+        of ``torchrun``).
+        """
+        shard = parse_shard(self.shard)
         if self.output_dir is not None:
             check_output_dir(self.output_dir, self.input_dir)
         self.network.eval()
         self.stage_seconds = {}
-        rows: list[dict[str, Any]] = []
+        indexed = shard.take(self.inputs)
+        table = shard.file_path(self.results_csv) if self.results_csv is not None else None
+        journal = CaseJournal(shard.journal_path(self.results_csv)) if self.results_csv is not None else None
+        kept = self._resumed(indexed, journal) if self.skip_existing and journal is not None else {}
+        if journal is not None and not self.skip_existing:
+            journal.rewrite([])  # a fresh run: rows of an earlier run in this folder are not this run's
+        todo = [(index, item) for index, item in indexed if index not in kept]
+        if shard.sharded:
+            self.logger.info(f"{shard.label}: {len(indexed)} of {len(self.inputs)} input(s)")
+        if self.skip_existing:
+            if todo:
+                self.logger.info(f"skip_existing: {len(kept)} case(s) already complete, {len(todo)} to run")
+            else:
+                self.logger.info(f"skip_existing: all {len(kept)} case(s) already complete: nothing to do")
+        records: dict[int, dict[str, Any]] = dict(kept)
         failures: list[tuple[str, str]] = []
         start = time.perf_counter()
         # a tqdm bar (rate, ETA) on a terminal; in a log, a progress line every 10 % of the inputs
-        progress = LoopProgress(len(self.inputs), "inference", unit="image", bar=self.progress, logger=self.logger)
-        for index, item, future in self._cases():
+        progress = LoopProgress(len(todo), "inference", unit="image", bar=self.progress, logger=self.logger)
+        for (position, item, future), (index, _) in zip(self._cases([item for _, item in todo]), todo):
             path = str(item.get(self.image_key))
+            shape = None
             try:
-                columns = future.result()
+                result = future.result()
             except Exception as e:  # one broken case must not stop the batch
                 reason = one_line_error(e)
                 failures.append((path, reason))
-                rows.append({"image": os.path.basename(path), "status": f"failed: {reason}"})
-                self.logger.error(f"[{index}/{len(self.inputs)}] {_naming(path, reason)}")
-                progress.update()
-                continue
-            rows.append({"image": os.path.basename(path), "status": "ok", **columns})
-            self.logger.info(f"[{index}/{len(self.inputs)}] {os.path.basename(path)}: ok")
+                row = {"image": os.path.basename(path), "status": f"failed: {reason}"}
+                self.logger.error(f"[{position}/{len(todo)}] {_naming(path, reason)}")
+            else:
+                row, shape = {"image": os.path.basename(path), "status": "ok", **result["columns"]}, result["shape"]
+                self.logger.info(f"[{position}/{len(todo)}] {os.path.basename(path)}: ok")
+            records[index] = {"index": index, "total": len(self.inputs), "input": input_id(path), "row": journal_row(row), "shape": shape}
+            if journal is not None:
+                journal.append(records[index])
             progress.update()
         progress.close()
         elapsed = time.perf_counter() - start
-        if self.results_csv is not None:
-            write_csv_atomic(self.results_csv, rows)
-            self.logger.info(f"results table: {self.results_csv}")
-        done = len(rows) - len(failures)
-        self.logger.info(f"{done} of {len(rows)} image(s) processed in {elapsed:.1f} s")
-        self._log_profile(elapsed, len(rows))
+        ordered = [records[index] for index in sorted(records)]
+        rows = [r["row"] for r in ordered]
+        if table is not None and journal is not None:
+            journal.rewrite(ordered)  # exactly the table's rows: stale lines of re-run cases go
+            write_csv_atomic(table, rows)
+            self.logger.info(f"results table: {table}")
+        done = len(todo) - len(failures)
+        self.logger.info(f"{done} of {len(todo)} image(s) processed in {elapsed:.1f} s")
+        self._log_profile(elapsed, len(todo))
+        if shard.distributed and self.results_csv is not None:
+            barrier(shard)  # every rank's table and journal are complete
+            if shard.index == 0:
+                rows = merge_shard_tables(self.results_csv, shard.count)
+                merge_side_tables(self.results_csv, shard.count)  # e.g. nodules.csv of the lung CT bundle
+                self.logger.info(f"results table (all {shard.count} ranks): {self.results_csv}")
+            barrier(shard)  # no rank exits before the merge: torchrun would stop rank 0
+        elif shard.sharded:
+            self.logger.info(f"when every shard has finished: python -m custom_nets merge_results {self.output_dir}")
+        all_failed = [r for r in rows if not str(r.get("status", "")).startswith("ok")] if shard.distributed and shard.index == 0 else []
         if failures:
             self.logger.error(f"{len(failures)} image(s) failed:")
             for path, reason in failures:
                 self.logger.error(f"  {_naming(path, reason)}")
-            if self.exit_code_on_failure is not None:
-                raise SystemExit(self.exit_code_on_failure)
+        if (failures or all_failed) and self.exit_code_on_failure is not None:
+            raise SystemExit(self.exit_code_on_failure)
         return rows

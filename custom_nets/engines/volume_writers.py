@@ -6,6 +6,7 @@ atomically.
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from custom_nets.data.inference_inputs import as_flag
 from custom_nets.data.luna16 import nodule_table, write_nodule_csv
 from custom_nets.data.volume_io import write_mask_like
 
@@ -70,6 +72,8 @@ class NoduleTableWriter:
         image_key: key of the loaded scan (geometry and case name).
         filename: name of the table.
         min_voxels: smaller components are left out.
+        keep_existing: start from the rows of an existing table (a resumed run, ``--skip_existing``): the
+            cases it does not run again keep their nodules; a case run again gets its new rows.
 
     Returns from a call ``{"nodules": <count>}``.
     """
@@ -81,10 +85,15 @@ class NoduleTableWriter:
         image_key: str = "image",
         filename: str = "nodules.csv",
         min_voxels: int = 1,
+        keep_existing: bool | str = False,
     ) -> None:
         self.path = Path(output_dir) / filename
         self.pred_key, self.image_key, self.min_voxels = pred_key, image_key, min_voxels
         self._rows: dict[str, list[dict[str, Any]]] = {}
+        if as_flag(keep_existing) and self.path.is_file():
+            with open(self.path, newline="", encoding="utf-8") as f:
+                for row in csv.DictReader(f):
+                    self._rows.setdefault(row.get("case", ""), []).append(row)
 
     def __call__(self, case: Mapping[str, Any]) -> dict[str, int]:
         meta = _source_meta(case, self.image_key)
