@@ -181,3 +181,16 @@ def test_a_checkpoint_of_another_network_is_one_line(repo_root, tmp_path):
     assert done.returncode != 0 and "Traceback" not in done.stderr
     (line,) = [l for l in done.stderr.splitlines() if l.startswith("latency.py: error:")]
     assert f"{ckpt}: not a model.pt of the fetal bundle's network" in line
+
+
+def test_batch_throughput_smoke(repo_root, tmp_path):
+    """``benchmarks/batch_throughput.py`` at its smallest: 1 and 2 processes give equal tables; kill and resume pass."""
+    command = [
+        sys.executable, str(repo_root / "benchmarks" / "batch_throughput.py"), "--images", "6", "--processes", "1,2",
+        "--resume_images", "8", "--height", "64", "--width", "96", "--image_size", "64", "--work_dir", str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    table = result.stdout.split("table equal to 1 process\n")[1].splitlines()[:2]
+    assert [line.split()[0] for line in table] == ["1", "2"] and all(line.endswith("True") for line in table)
+    assert "FAIL" not in result.stdout and "no finished case's mask rewritten" in result.stdout
