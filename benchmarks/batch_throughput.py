@@ -4,7 +4,9 @@ images, random weights: the batch handling is measured, not the model):
 
 1. **Throughput**: cases/s of ``python -m monai.bundle run inference`` in one process and of
    ``torchrun --nproc_per_node=N`` on the same images, each process with one thread
-   (``OMP_NUM_THREADS=1``, as torchrun sets it). Two figures per run: the wall time of the whole
+   (``OMP_NUM_THREADS=1``, as torchrun sets it). By default each process also reads the next images and
+writes the last results in two threads beside the network (the bundle's ``prefetch``), so one process
+already keeps more than one core busy; ``--prefetch 0`` measures processes of one thread each. Two figures per run: the wall time of the whole
    command (start-up, merge and exit included, what a user waits for) and the inference loop alone
    (each rank's ``throughput:`` log line, summed over ranks).
 2. **Kill and resume** (``--resume_images``): a single-process run is SIGKILLed once half of the
@@ -16,9 +18,10 @@ Target on a 2-core CPU: 2 processes >= 1.7x the cases/s of 1. On N GPUs or nodes
 cases are dealt round-robin, so the loop scales with the number of processes until reading the
 inputs or writing the outputs saturates the storage.
 
-Both parts, about 10 minutes on 2 quiet cores::
+Both parts, about 10 minutes on 2 quiet cores; then the scaling of one-thread processes::
 
     python benchmarks/batch_throughput.py --images 300 --processes 1,2 --resume_images 1000
+    python benchmarks/batch_throughput.py --images 300 --processes 1,2 --resume_images 0 --prefetch 0
 
 Quick run::
 
@@ -58,6 +61,7 @@ def _inference_args(args: argparse.Namespace, data: Path, model: Path, out: Path
         "run", "inference", "--config_file", str(BUNDLE / "configs" / "inference.json"), "--ckpt_path", str(model),
         "--input_dir", str(data / "training_set"), "--output_dir", str(out), "--image_size", str(args.image_size),
         "--pixel_size_csv", str(data / "training_set_pixel_size_and_HC.csv"), "--precision", args.precision,
+        *([] if args.prefetch is None else ["--runner#prefetch", str(args.prefetch)]),
     ]  # fmt: skip
 
 
@@ -79,7 +83,8 @@ def throughput(args: argparse.Namespace, data: Path, model: Path, work: Path, im
         loop = sum(float(v) for v in _THROUGHPUT.findall(result.stdout + result.stderr))
         rows.append({"processes": processes, "wall_s": wall, "cases_per_s_wall": images / wall, "cases_per_s_loop": loop, "table": out / TABLE})
     base = rows[0]
-    print(f"\nthroughput over {images} images ({args.height}x{args.width} PNG, network {args.image_size}², {args.precision}, 1 thread per process)")
+    threads = "prefetch and output threads beside the network" if args.prefetch is None or args.prefetch > 0 else "one thread"
+    print(f"\nthroughput over {images} images ({args.height}x{args.width} PNG, network {args.image_size}², {args.precision}, 1 torch thread per process, {threads})")
     print("processes  wall_s  cases/s (wall)  speed-up  cases/s (loop)  speed-up  table equal to 1 process")
     for row in rows:
         same = row["table"].read_bytes() == base["table"].read_bytes()
@@ -136,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=800)
     parser.add_argument("--image_size", type=int, default=256, help="the network's input size")
     parser.add_argument("--precision", default="fp32", help="the bundle's --precision (fp32: no INT8 model needed)")
+    parser.add_argument(
+        "--prefetch", type=int, help="the bundle's runner#prefetch; 0 keeps each process on one thread (no reading and "
+        "writing threads beside the network), the setting for measuring how processes scale on few cores")
     parser.add_argument("--work_dir", type=Path, help="kept for inspection (default: a temporary folder)")
     args = parser.parse_args(argv)
 
