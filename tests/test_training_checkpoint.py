@@ -52,7 +52,8 @@ def _evaluator(net, handlers=()) -> SupervisedEvaluator:
 
 
 def _run(
-    tmp_path, resume=False, stop=None, max_epochs=MAX_EPOCHS, out_channels=2, run_name="net-loss-lr0.1-x", val_stop=None, mlflow=False
+    tmp_path, resume=False, stop=None, max_epochs=MAX_EPOCHS, out_channels=2, run_name="net-loss-lr0.1-x",
+    val_stop=None, mlflow=False,
 ):
     """
     Build fresh objects (as a restarted process would) and train; ``stop=(event, when)`` raises there,
@@ -69,7 +70,10 @@ def _run(
     val_handlers = [AtomicCheckpointSaver(str(tmp_path / "models"), {"model": net}, save_key_metric=True, key_metric_filename="model.pt")]
     if mlflow:  # as MONAI's bundle tracking settings: the validator logs at the trainer's epoch and keeps the run open
         val_handlers.append(
-            MLFlowHandler(iteration_log=False, close_on_complete=False, global_epoch_transform=lambda x: trainers[0].state.epoch, **tracking)
+            MLFlowHandler(
+                iteration_log=False, close_on_complete=False, global_epoch_transform=lambda x: trainers[0].state.epoch,
+                **tracking,
+            )
         )
     evaluator = _evaluator(net, val_handlers)
     if val_stop is not None:

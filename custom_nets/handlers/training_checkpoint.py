@@ -224,7 +224,7 @@ class TrainingCheckpoint:
                 tracker.epoch_logger, tracker.iteration_logger = epoch_logger, iteration_logger
 
     def _logged_at(self, tracker: Any, step: int) -> bool:
-        """Whether the MLflow run of ``tracker`` (MONAI ``MLFlowHandler``) holds the validator's key metric at ``step``."""
+        """Whether the MLflow run of ``tracker`` (MONAI ``MLFlowHandler``) holds the key metric at ``step``."""
         key = getattr(self.validator.state, "key_metric_name", None)
         if not key:
             return False
