@@ -15,7 +15,7 @@ import torch
 from ignite.engine import Events
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from ignite.engine import Engine
-from monai.handlers import LrScheduleHandler, MeanDice, StatsHandler, ValidationHandler, from_engine
+from monai.handlers import LrScheduleHandler, MeanDice, MLFlowHandler, StatsHandler, ValidationHandler, from_engine
 from monai.losses import DiceCELoss
 from monai.transforms import Activationsd, AsDiscreted, Compose
 from monai.utils import set_determinism
@@ -38,28 +38,59 @@ def _data(seed: int = 1) -> list[dict[str, torch.Tensor]]:
     return [{"image": image, "label": (image > 0.5).float()} for image in images]
 
 
-def _run(tmp_path, resume=False, stop=None, max_epochs=MAX_EPOCHS, out_channels=2, run_name="net-loss-lr0.1-x"):
-    """Build fresh objects (as a restarted process would) and train; ``stop=(event, when)`` raises there."""
+def _net(out_channels=2) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, out_channels, 1))
+
+
+def _evaluator(net, handlers=()) -> SupervisedEvaluator:
+    post = Compose([Activationsd("pred", softmax=True), AsDiscreted(["pred", "label"], argmax=[True, False], to_onehot=2)])
+    return SupervisedEvaluator(
+        device=torch.device("cpu"), val_data_loader=torch.utils.data.DataLoader(_data(2), batch_size=2), network=net,
+        postprocessing=post, key_val_metric={"val_mean_dice": MeanDice(output_transform=from_engine(["pred", "label"]))},
+        val_handlers=list(handlers),
+    )  # fmt: skip
+
+
+def _run(
+    tmp_path, resume=False, stop=None, max_epochs=MAX_EPOCHS, out_channels=2, run_name="net-loss-lr0.1-x",
+    val_stop=None, mlflow=False,
+):
+    """
+    Build fresh objects (as a restarted process would) and train; ``stop=(event, when)`` raises there,
+    ``val_stop`` likewise on the validator. ``mlflow``: MONAI's MLflow handlers on both engines, as
+    ``--tracking mlflow`` adds them, on a sqlite store in ``tmp_path``.
+    """
     set_determinism(seed=0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, out_channels, 1))
+    net = _net(out_channels)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     loader = torch.utils.data.DataLoader(_data(), batch_size=2, shuffle=False)
-    post = Compose([Activationsd("pred", softmax=True), AsDiscreted(["pred", "label"], argmax=[True, False], to_onehot=2)])
-    evaluator = SupervisedEvaluator(
-        device=torch.device("cpu"), val_data_loader=torch.utils.data.DataLoader(_data(2), batch_size=2), network=net,
-        postprocessing=post, key_val_metric={"val_mean_dice": MeanDice(output_transform=from_engine(["pred", "label"]))},
-        val_handlers=[AtomicCheckpointSaver(str(tmp_path / "models"), {"model": net}, save_key_metric=True, key_metric_filename="model.pt")],
-    )  # fmt: skip
+    trainers = []
+    tracking = dict(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment_name="resume", run_name=run_name)
+    val_handlers = [AtomicCheckpointSaver(str(tmp_path / "models"), {"model": net}, save_key_metric=True, key_metric_filename="model.pt")]
+    if mlflow:  # as MONAI's bundle tracking settings: the validator logs at the trainer's epoch and keeps the run open
+        val_handlers.append(
+            MLFlowHandler(
+                iteration_log=False, close_on_complete=False, global_epoch_transform=lambda x: trainers[0].state.epoch,
+                **tracking,
+            )
+        )
+    evaluator = _evaluator(net, val_handlers)
+    if val_stop is not None:
+        evaluator.add_event_handler(*val_stop)
     checkpoint = TrainingCheckpoint(
         tmp_path / "models" / "last_checkpoint.pt", {"model": net, "optimizer": optimizer, "lr_scheduler": scheduler},
         resume=resume, run_name=run_name,
     )  # fmt: skip
-    handlers = [ValidationHandler(1, evaluator), LrScheduleHandler(scheduler), checkpoint, StatsHandler(iteration_log=False)]
+    # the bundles' order: lr step, checkpoint, then validation of the weights just kept
+    handlers = [LrScheduleHandler(scheduler), checkpoint, ValidationHandler(1, evaluator), StatsHandler(iteration_log=False)]
+    if mlflow:
+        handlers.append(MLFlowHandler(iteration_log=False, close_on_complete=True, **tracking))
     trainer = SupervisedTrainer(
         device=torch.device("cpu"), max_epochs=max_epochs, train_data_loader=loader, network=net, optimizer=optimizer,
         loss_function=DiceCELoss(to_onehot_y=True, softmax=True), train_handlers=handlers,
     )  # fmt: skip
+    trainers.append(trainer)
     trainer.state.iterations_run = 0  # iterations this process ran (the engine's own count is restored)
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: setattr(e.state, "iterations_run", e.state.iterations_run + 1))
     if stop is not None:
@@ -148,6 +179,54 @@ def test_the_best_model_tracking_is_restored(tmp_path, uninterrupted):
     _, _, best = uninterrupted
     assert evaluator.state.best_metric == best
     assert (tmp_path / "models" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("stop_at", [Events.STARTED, Events.EPOCH_COMPLETED], ids=["before-the-log", "after-the-log"])
+def test_a_stop_in_validation_gives_one_validation_point_per_epoch_of_the_kept_weights(tmp_path, uninterrupted, stop_at):
+    """
+    Stopped in epoch 2's validation, before or after the validator's MLflow log (the handler runs after the
+    log): the resumed run has one val point per epoch, and epoch 2's is that of the checkpoint's weights.
+    """
+    import mlflow
+
+    runs = []
+
+    def stop_in_epoch_2(validator):
+        runs.append(stop_at)
+        if len(runs) == 2:  # the second validation, of epoch 2
+            raise Stop("killed in validation")
+
+    with pytest.raises(Stop):
+        _run(tmp_path, mlflow=True, val_stop=(stop_at, stop_in_epoch_2))
+    saved = torch.load(tmp_path / "models" / "last_checkpoint.pt", weights_only=True)
+    assert saved["trainer"]["iteration"] == 2 * BATCHES and saved["validated_epoch"] == 1  # epoch 2 kept, not validated
+    kept = _net()
+    kept.load_state_dict(saved["model"])
+    revalidation = _evaluator(kept)
+    revalidation.run()
+
+    trainer, net, scheduler, evaluator = _run(tmp_path, resume=True, mlflow=True)
+    assert trainer.state.iterations_run == 2 * BATCHES  # epoch 2 was not trained again
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    history = client.get_metric_history(runs[0].info.run_id, "val_mean_dice")
+    assert sorted(point.step for point in history) == list(range(1, MAX_EPOCHS + 1))
+    assert [p.value for p in history if p.step == 2] == [pytest.approx(revalidation.state.metrics["val_mean_dice"])]
+    weights, lr, best = uninterrupted
+    assert all(torch.equal(weights[k], v) for k, v in net.state_dict().items())
+    assert evaluator.state.best_metric == best  # epoch 2's validation counted in the best-model tracking
+    assert torch.load(tmp_path / "models" / "last_checkpoint.pt", weights_only=True)["validated_epoch"] == MAX_EPOCHS
+
+
+def test_a_checkpoint_of_the_earlier_handler_order_counts_as_validated(tmp_path):
+    _run(tmp_path, max_epochs=2)
+    checkpoint = tmp_path / "models" / "last_checkpoint.pt"
+    content = torch.load(checkpoint, weights_only=True)
+    del content["validated_epoch"]  # written after validation, before this key existed
+    torch.save(content, checkpoint)
+    trainer, net, scheduler, evaluator = _run(tmp_path, resume=True, max_epochs=2)
+    assert evaluator.state.iteration == 0  # epoch 2 was not validated again: the validator never ran
 
 
 def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path, caplog):

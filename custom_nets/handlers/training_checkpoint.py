@@ -32,6 +32,7 @@ __all__ = ["TrainingCheckpoint", "saved_run_name"]
 # keys of the checkpoint besides the objects of ``save_dict`` and "trainer"
 _BEST = "best_model_tracking"
 _RUN_NAME = "run_name"
+_VALIDATED = "validated_epoch"  # the last epoch whose validation ran to its end
 
 
 def _unwrap(obj: Any) -> Any:
@@ -56,11 +57,12 @@ class TrainingCheckpoint:
     Ignite handler that makes a training run resumable, like nnU-Net's ``--c`` or a Model Zoo bundle
     restarted with a ``CheckpointLoader`` on the trainer, in one file:
 
-    - after every epoch (``EPOCH_COMPLETED``, once validation and the learning-rate step are done) it writes
-      ``checkpoint_file`` with the ``save_dict`` objects (model, optimizer, lr scheduler, ...), the trainer's
-      state (epoch, iteration), the validator's best-metric tracking (so that a resumed run does not
-      overwrite a better ``model.pt``) and the MLflow ``run_name``. The file is replaced atomically:
-      a kill during the write leaves the previous epoch's file whole.
+    - after every epoch (``EPOCH_COMPLETED``, once the learning-rate step is done and before validation)
+      it writes ``checkpoint_file`` with the ``save_dict`` objects (model, optimizer, lr scheduler, ...), the
+      trainer's state (epoch, iteration), the validator's best-metric tracking (so that a resumed run does
+      not overwrite a better ``model.pt``), the last validated epoch and the MLflow ``run_name``; when the
+      validator completes it writes the file again with that epoch marked validated. The file is replaced
+      atomically: a kill during the write leaves the previous file whole.
     - when training stops on an exception mid-epoch (``EXCEPTION_RAISED``; Ctrl-C, and SIGTERM, the
       preemption signal of Slurm and Kubernetes, which it turns into an exception while training runs) it
       writes the state reached, then re-raises. An exception between epochs (in validation, say) keeps the
@@ -69,13 +71,21 @@ class TrainingCheckpoint:
       iteration to the configured ``max_epochs`` with the same learning-rate schedule. A missing file
       starts from scratch (logged), so a job script can always pass ``--resume true``. A file from another
       schedule (``max_epochs``, iterations per epoch) or network is refused with one line naming it.
+      When the saved epoch was due for validation (``ValidationHandler``'s interval) but not marked
+      validated (the run was killed before or during validation), the validator runs once for it before
+      training goes on, so that its metric point, best-model update and key-metric list exist. If the
+      validator's ``MLFlowHandler`` run already holds the key metric at that step (killed after the log, before
+      the mark), the validation still runs, for the best-model tracking, but is not logged a second time:
+      each epoch has one validation point, of the weights that were kept.
 
     After a resume, the random augmentations and the shuffling follow a new stream: a resumed run is not
     bit-identical to an uninterrupted one. With ``DistributedDataParallel`` only rank 0 writes; every rank
     resumes from the same file.
 
-    Attach it after ``ValidationHandler`` and ``LrScheduleHandler`` (so the epoch's file includes their
-    work) and before ``StatsHandler`` (whose exception handler re-raises before later handlers run).
+    Attach it after ``LrScheduleHandler`` (and other epoch-end steps of training, so the epoch's file includes
+    their work), before ``ValidationHandler`` (so the weights that get validated and logged are already
+    kept: a kill after the validation's MLflow log cannot make the resumed run train that epoch again) and
+    before ``StatsHandler`` (whose exception handler re-raises before later handlers run).
 
     Args:
         checkpoint_file: the file, e.g. ``<bundle>/models/last_checkpoint.pt``.
@@ -89,7 +99,7 @@ class TrainingCheckpoint:
             state is saved before the process ends.
         name: logger name; ``None`` uses ``engine.logger``.
 
-    Example, in a bundle's ``train#handlers`` (after the validation and lr handlers)::
+    Example, in a bundle's ``train#handlers`` (after the lr handler, before the validation handler)::
 
         {"_target_": "custom_nets.handlers.training_checkpoint.TrainingCheckpoint",
          "checkpoint_file": "$@ckpt_dir + '/last_checkpoint.pt'", "resume": "@resume",
@@ -122,6 +132,10 @@ class TrainingCheckpoint:
         self._previous_sigterm: Any = None
         self._handled_error: BaseException | None = None
         self._iteration_open = False  # an exception inside an iteration: that iteration is not done
+        self._trainer: Engine | None = None
+        self._validated_epoch = 0
+        self._saved_epoch = -1  # the epoch whose end state the checkpoint file holds
+        self._pending = False  # the restored epoch still needs its validation
 
     def attach(self, engine: Engine) -> None:
         """
@@ -142,11 +156,20 @@ class TrainingCheckpoint:
 
     def started(self, engine: Engine) -> None:
         """Find the validator, restore the checkpoint when resuming, and catch SIGTERM."""
+        self._trainer = engine
+        validation = find_attached(engine, "ValidationHandler")
         if self.validator is None:
-            validation = find_attached(engine, "ValidationHandler")
             self.validator = getattr(validation[0], "validator", None) if validation else None
+        if self.validator is not None and not self.validator.has_event_handler(self._validated, Events.COMPLETED):
+            self.validator.add_event_handler(Events.COMPLETED, self._validated)
+        self._warn_if_validation_first(engine)
         if self.resume:
             self.restore(engine)
+            self._pending = bool(validation) and self._validation_pending(engine, validation[0])
+            if self._pending and not engine.has_event_handler(self._validate_pending, Events.STARTED):
+                # after the other STARTED handlers (the trainer's MLflow run is open then), as in a normal epoch;
+                # Ignite's loop over the handler list reaches one appended while it runs
+                engine.add_event_handler(Events.STARTED, self._validate_pending, validation[0])
         self._catch_sigterm()
 
     def _iterations_done(self, engine: Engine) -> int:
@@ -161,6 +184,69 @@ class TrainingCheckpoint:
 
     def epoch_completed(self, engine: Engine) -> None:
         self.save(engine)
+        self._saved_epoch = engine.state.epoch
+
+    def _validated(self, validator: Engine) -> None:
+        """Validator COMPLETED: mark the trainer's epoch validated, and save the mark with the new best metric."""
+        if self._trainer is None:
+            return
+        self._validated_epoch = self._trainer.state.epoch
+        # only once this epoch's file exists: saving earlier (handler order of old configs) would store the
+        # epoch before its lr step; epoch_completed then saves the mark
+        if self._saved_epoch == self._trainer.state.epoch:
+            self.save(self._trainer)
+
+    def _validation_pending(self, engine: Engine, validation: Any) -> bool:
+        """Whether the restored epoch was due for validation (epoch-level interval) and not marked validated."""
+        epoch = engine.state.epoch
+        if not getattr(validation, "epoch_level", False) or epoch < 1 or self._validated_epoch >= epoch:
+            return False
+        return epoch % max(1, int(getattr(validation, "interval", 1))) == 0
+
+    def _validate_pending(self, engine: Engine, validation: Any) -> None:
+        """Run the validation the kill interrupted, without logging it again if MLflow already has it."""
+        if not self._pending:  # stays attached (removing it from the list Ignite is looping over would skip one)
+            return
+        self._pending = False
+        trackers = find_attached(self.validator, "MLFlowHandler") if self.validator is not None else []
+        logged = any(self._logged_at(tracker, engine.state.epoch) for tracker in trackers)
+        self.logger.info(
+            f"resume: validating epoch {engine.state.epoch}, whose validation the stop interrupted"
+            + (" (its metrics are already in MLflow: not logged again)" if logged else "")
+        )
+        muted = [(t, t.epoch_logger, t.iteration_logger) for t in trackers] if logged else []
+        for tracker, *_ in muted:
+            tracker.epoch_logger = tracker.iteration_logger = lambda engine: None
+        try:
+            validation(engine)
+        finally:
+            for tracker, epoch_logger, iteration_logger in muted:
+                tracker.epoch_logger, tracker.iteration_logger = epoch_logger, iteration_logger
+
+    def _logged_at(self, tracker: Any, step: int) -> bool:
+        """Whether the MLflow run of ``tracker`` (MONAI ``MLFlowHandler``) holds the key metric at ``step``."""
+        key = getattr(self.validator.state, "key_metric_name", None)
+        if not key:
+            return False
+        tracker.start(self.validator)  # opens (finds) the run as the validator's own STARTED would; idempotent
+        if tracker.cur_run is None:
+            return False
+        history = tracker.client.get_metric_history(tracker.cur_run.info.run_id, key)
+        return any(point.step == step for point in history)
+
+    def _warn_if_validation_first(self, engine: Engine) -> None:
+        """A ValidationHandler before this handler validates (and logs) epochs that a kill can make run again."""
+        owners = []
+        for func, _, _ in engine._event_handlers.get(Events.EPOCH_COMPLETED, []):
+            parent = getattr(func, "_parent", None)  # Ignite keeps a weakref to filtered handlers (every=...)
+            owners.append(getattr(parent() if parent is not None else func, "__self__", None))
+        names = [type(owner).__name__ for owner in owners]
+        if "ValidationHandler" in names and self in owners:
+            if names.index("ValidationHandler") < owners.index(self):
+                self.logger.warning(
+                    "TrainingCheckpoint is attached after ValidationHandler: a run killed between the validation "
+                    "and the checkpoint trains that epoch again and logs its validation twice; attach it before"
+                )
 
     def exception_raised(self, engine: Engine, error: BaseException) -> None:
         """Save the state reached mid-epoch, then re-raise ``error`` (Ignite would swallow it otherwise)."""
@@ -194,6 +280,7 @@ class TrainingCheckpoint:
                 "best_metric_epoch": int(state.best_metric_epoch),
                 "saver": best._key_metric_checkpoint.state_dict() if best is not None else None,
             }
+        content[_VALIDATED] = int(self._validated_epoch)
         if self.run_name:
             content[_RUN_NAME] = str(self.run_name)
         return content
@@ -233,6 +320,10 @@ class TrainingCheckpoint:
             raise InputError(f"{path}: does not fit this run's {key} ({describe_error(e)})") from None
         engine.load_state_dict(saved)
         self._restore_best(content.get(_BEST))
+        # files of the earlier handler order were saved after validation: their epoch counts as validated
+        self._validated_epoch = int(content.get(_VALIDATED, engine.state.epoch))
+        if engine.state.iteration % engine.state.epoch_length == 0:
+            self._saved_epoch = engine.state.epoch
         self.logger.info(
             f"resume: continuing from iteration {engine.state.iteration} ({engine.state.epoch} of "
             f"{engine.state.max_epochs} epochs complete), from {path}"
