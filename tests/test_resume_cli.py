@@ -126,3 +126,16 @@ def test_kill_resume_fuzz_benchmark_runs_clean(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "final run: ok" in result.stdout and "FAIL" not in result.stdout
+
+
+def test_resuming_a_finished_run_does_nothing_and_opens_no_mlflow_run(dataset, tmp_path):
+    root = tmp_path / "bundle"
+    one_epoch = ("--train#trainer#max_epochs", "1", "--tracking", "mlflow")
+    _train(dataset, root, *one_epoch)
+    before = (root / "models" / "last_checkpoint.pt").stat().st_mtime_ns
+    again = _train(dataset, root, *one_epoch, "--resume", "true")
+    assert "holds a finished run (1 of 1 epochs): nothing to do" in again.stdout + again.stderr
+    assert (root / "models" / "last_checkpoint.pt").stat().st_mtime_ns == before
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'eval' / 'mlruns.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["FINISHED"]

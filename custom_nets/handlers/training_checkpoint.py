@@ -27,7 +27,7 @@ else:
         "ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine", as_type="decorator"
     )
 
-__all__ = ["TrainingCheckpoint", "saved_run_name"]
+__all__ = ["TrainingCheckpoint", "saved_run_name", "exit_if_finished"]
 
 # keys of the checkpoint besides the objects of ``save_dict`` and "trainer"
 _BEST = "best_model_tracking"
@@ -50,6 +50,29 @@ def saved_run_name(checkpoint_file: str | os.PathLike) -> str | None:
         return None
     name = load_checkpoint(checkpoint_file, mmap=True, description="training checkpoint").get(_RUN_NAME)
     return str(name) if name else None
+
+
+def exit_if_finished(checkpoint_file: str | os.PathLike, resume: bool, max_epochs: int, val_interval: int = 1) -> None:
+    """
+    With ``resume``, end the process (exit status 0, one log line) when ``checkpoint_file`` holds a run
+    that trained all ``max_epochs`` epochs and validated the last one that was due: a job script that
+    always passes ``--resume true`` and ran again after the end has nothing to do. Run before the
+    trainer starts, so that MLflow is not asked for a run: MONAI's ``MLFlowHandler`` does not continue a
+    FINISHED run and would open a second, empty one of the same name.
+    """
+    path = Path(checkpoint_file)
+    if not resume or not path.is_file():
+        return
+    content = load_checkpoint(path, mmap=True, description="training checkpoint")
+    saved = content.get("trainer") or {}
+    epoch_length, iteration = saved.get("epoch_length"), saved.get("iteration", 0)
+    if not epoch_length or saved.get("max_epochs") != max_epochs or iteration < max_epochs * epoch_length:
+        return  # unfinished, or another schedule: the handler resumes it or refuses it in one line
+    last_due = max_epochs - max_epochs % max(1, int(val_interval))
+    if int(content.get(_VALIDATED, max_epochs)) < last_due:
+        return  # the last due validation was cut short: the resumed run validates it
+    logging.getLogger(__name__).info(f"resume: {path} holds a finished run ({max_epochs} of {max_epochs} epochs): nothing to do")
+    raise SystemExit(0)
 
 
 class TrainingCheckpoint:
