@@ -204,7 +204,7 @@ def run_pipeline(
         runner.inputs = items[:warmup]
         runner.run()
     runner.inputs = items
-    rows = runner.run()
+    rows = [{k: _number(v) if k == "hc_mm" else v for k, v in row.items()} for row in runner.run()]
     if handler.lines:
         path = handler.lines[-1]
     elif mode == "bf16":
@@ -218,6 +218,14 @@ def run_pipeline(
         "outputs": len([p for p in output_dir.iterdir() if p.suffix == ".png"]),
         "csv_rows": _csv_rows(output_dir / "head_circumference.csv"),
     }
+
+
+def _number(cell: object) -> object:
+    """A table cell as a float when it is one (``FolderInference.run`` returns the cells as written to the CSV)."""
+    try:
+        return float(cell)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return cell
 
 
 def _csv_rows(path: Path) -> int:
