@@ -52,6 +52,11 @@ def saved_run_name(checkpoint_file: str | os.PathLike) -> str | None:
     return str(name) if name else None
 
 
+def _validation_due(epoch: int, validated_epoch: int, interval: int) -> bool:
+    """Whether ``epoch`` was due for validation (every ``interval`` epochs) and its validation did not finish."""
+    return epoch >= 1 and validated_epoch < epoch and epoch % max(1, int(interval)) == 0
+
+
 def exit_if_finished(checkpoint_file: str | os.PathLike, resume: bool, max_epochs: int, val_interval: int = 1) -> None:
     """
     With ``resume``, end the process (exit status 0, one log line) when ``checkpoint_file`` holds a run
@@ -68,9 +73,8 @@ def exit_if_finished(checkpoint_file: str | os.PathLike, resume: bool, max_epoch
     epoch_length, iteration = saved.get("epoch_length"), saved.get("iteration", 0)
     if not epoch_length or saved.get("max_epochs") != max_epochs or iteration < max_epochs * epoch_length:
         return  # unfinished, or another schedule: the handler resumes it or refuses it in one line
-    last_due = max_epochs - max_epochs % max(1, int(val_interval))
-    if int(content.get(_VALIDATED, max_epochs)) < last_due:
-        return  # the last due validation was cut short: the resumed run validates it
+    if _validation_due(max_epochs, int(content.get(_VALIDATED, max_epochs)), val_interval):
+        return  # the last validation was cut short: the resumed run validates it
     logging.getLogger(__name__).info(f"resume: {path} holds a finished run ({max_epochs} of {max_epochs} epochs): nothing to do")
     raise SystemExit(0)
 
@@ -221,10 +225,9 @@ class TrainingCheckpoint:
 
     def _validation_pending(self, engine: Engine, validation: Any) -> bool:
         """Whether the restored epoch was due for validation (epoch-level interval) and not marked validated."""
-        epoch = engine.state.epoch
-        if not getattr(validation, "epoch_level", False) or epoch < 1 or self._validated_epoch >= epoch:
+        if not getattr(validation, "epoch_level", False):
             return False
-        return epoch % max(1, int(getattr(validation, "interval", 1))) == 0
+        return _validation_due(engine.state.epoch, self._validated_epoch, getattr(validation, "interval", 1))
 
     def _validate_pending(self, engine: Engine, validation: Any) -> None:
         """Run the validation the kill interrupted, without logging it again if MLflow already has it."""
