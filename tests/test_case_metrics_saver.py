@@ -17,29 +17,18 @@ from monai.engines import SupervisedEvaluator
 from monai.handlers import ConfusionMatrix, HausdorffDistance, MeanDice, from_engine
 from monai.transforms import AsDiscreted
 
+from _case_metrics_ddp import Passthrough, square
+
 from custom_nets.handlers.case_metrics_saver import CaseMetricsSaver
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-class _Passthrough(torch.nn.Module):
-    """Logits that make the binary image itself the prediction."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([1 - x, x], dim=1) * 10
-
-
-def _square(lo: int, hi: int, size: int = 16) -> torch.Tensor:
-    mask = torch.zeros(1, size, size)
-    mask[:, lo:hi, lo:hi] = 1
-    return mask
-
-
 # (prediction, label) per case: Dice 1, Dice 2*16/(16+36) and an empty prediction (Dice 0, HD95 undefined)
 CASES = [
-    ("a.png", _square(4, 8), _square(4, 8)),
-    ("b.png", _square(4, 8), _square(4, 10)),
-    ("c.png", torch.zeros(1, 16, 16), _square(4, 8)),
+    ("a.png", square(4, 8), square(4, 8)),
+    ("b.png", square(4, 8), square(4, 10)),
+    ("c.png", torch.zeros(1, 16, 16), square(4, 8)),
 ]
 EXPECTED_DICE = [1.0, 2 * 16 / (16 + 36), 0.0]
 
@@ -65,7 +54,7 @@ def _run(tmp_path, publish=("size_px",)):
     evaluator = SupervisedEvaluator(
         device=torch.device("cpu"),
         val_data_loader=DataLoader(Dataset(data), batch_size=2),
-        network=_Passthrough(),
+        network=Passthrough(),
         postprocessing=AsDiscreted(keys=["pred", "label"], argmax=[True, False], to_onehot=2),
         key_val_metric=metrics,
         additional_metrics=extra,
