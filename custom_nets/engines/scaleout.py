@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +125,7 @@ def merge_shard_tables(table: str | os.PathLike, count: int) -> list[dict[str, A
     indices = sorted(int(r["index"]) for r in records)
     expected = list(range(max(totals) if totals else 0))
     if len(totals) > 1 or indices != expected:
-        doubled = sorted({i for i in indices if indices.count(i) > 1})
+        doubled = sorted(i for i, n in Counter(indices).items() if n > 1)
         missing = sorted(set(expected) - set(indices))
         raise InputError(
             f"{table}: the {count} shards do not hold each input once (inputs {sorted(totals)}, missing {missing[:10]}, doubled {doubled[:10]}); "
@@ -160,7 +161,8 @@ def merge_case_tables(table: str | os.PathLike, count: int, inputs: Sequence[str
         if not text:
             continue
         header = header or text[0]
-        column = next(csv.reader([text[0]])).index("case") if "case" in next(csv.reader([text[0]])) else None
+        names = next(csv.reader([text[0]]))
+        column = names.index("case") if "case" in names else None
         for line in text[1:]:
             case = next(csv.reader([line]))[column] if column is not None else ""
             lines.append((order.get(case, len(order)), len(lines), line))
