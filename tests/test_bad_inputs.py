@@ -123,6 +123,31 @@ def _nifti_nan_pixel_size(folder: Path) -> Path:
     return folder / "nan_pixdim.nii.gz"
 
 
+def _dicom_2d_retagged(folder: Path, name: str, **tags) -> Path:
+    """A 2D DICOM written correctly, then given header values a broken export would have."""
+    import pydicom
+
+    path = write_dicom_2d(folder / name, PICTURE)
+    ds = pydicom.dcmread(path)
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path)
+    return path
+
+
+def _cut_picture(folder: Path, name: str) -> Path:
+    """A picture (JPEG, BMP, TIFF) cut in half, as an interrupted copy leaves it."""
+    Image.fromarray(PICTURE).save(folder / name)
+    path = folder / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def _empty(folder: Path, name: str) -> Path:
+    (folder / name).write_bytes(b"")
+    return folder / name
+
+
 @pytest.mark.parametrize(
     "make, phrase",
     [
@@ -142,10 +167,20 @@ def _nifti_nan_pixel_size(folder: Path) -> Path:
         (_nifti_scale_overflow, "pixel values from 0 to 2.55e+40 overflow the 32-bit floats"),
         (_float_range_overflow, "pixel values from -3e+38 to 3e+38 overflow the 32-bit floats"),
         (_nifti_nan_pixel_size, "the NIfTI header's geometry (pixdim, qform or sform) is NaN or infinite"),
+        (lambda folder: _dicom_2d_retagged(folder, "hsv.dcm", PhotometricInterpretation="HSV"),
+         "photometric interpretation HSV is not supported"),
+        (lambda folder: _dicom_2d_retagged(folder, "bits.dcm", BitsStored=20), "cannot read the DICOM image (ValueError: A (0028,0101) 'Bits Stored'"),
+        (lambda folder: _pil(folder / "cmyk.tif", Image.fromarray(np.stack([PICTURE] * 4, -1), "CMYK")), "image mode CMYK is not supported"),
+        (lambda folder: _empty(folder, "empty.png"), "cannot read the image (UnidentifiedImageError"),
+        (lambda folder: _empty(folder, "empty.dcm"), "cannot read the DICOM image (InvalidDicomError"),
+        (lambda folder: _cut_picture(folder, "cut.jpg"), "cannot read the image (OSError: image file is truncated"),
+        (lambda folder: _cut_picture(folder, "cut.bmp"), "cannot read the image (OSError: image file is truncated"),
+        (lambda folder: _cut_picture(folder, "cut.tif"), "cannot read the image (OSError: image file is truncated"),
     ],
     ids=["truncated-png", "corrupt-png", "text-named-png", "corrupt-dicom", "3d-to-2d-bundle", "nan", "inf",
          "palette", "multi-page", "missing", "palette-dicom-without-table", "1x1", "1x4000-strip", "scl-slope-overflow",
-         "float32-range-overflow", "nan-pixdim"],  # fmt: skip
+         "float32-range-overflow", "nan-pixdim", "dicom-hsv", "dicom-bits-stored-over-allocated", "cmyk-tiff",
+         "empty-png", "empty-dicom", "truncated-jpeg", "truncated-bmp", "truncated-tiff"],  # fmt: skip
 )
 def test_bad_2d_image_is_one_line_naming_the_file(tmp_path, make, phrase):
     path = make(tmp_path)
@@ -381,6 +416,59 @@ def _nhdr_truncated_data(folder: Path) -> Path:
     return header
 
 
+def _nrrd_edited(folder: Path, name: str, old: bytes, new: bytes) -> Path:
+    path = _itk_write(folder / name)
+    path.write_bytes(path.read_bytes().replace(old, new, 1))
+    return path
+
+
+def _nhdr_without_data(folder: Path) -> Path:
+    header = _itk_write(folder / "nodata.nhdr")
+    for data in folder.glob("nodata.*"):
+        if data.suffix != ".nhdr":
+            data.unlink()
+    return header
+
+
+def _metaimage_data(folder: Path, problem: str) -> Path:
+    header = _itk_write(folder / f"{problem}.mhd")
+    data = folder / f"{problem}.raw"
+    if problem == "missing":
+        data.unlink()
+    else:
+        _truncated(data)
+    return header
+
+
+def _dicom_retagged_slice(folder: Path, name: str, edit) -> Path:
+    """A DICOM series whose slice_0001.dcm a broken export changed: ``edit(dataset)``."""
+    import pydicom
+
+    series = _dicom_series(folder / name)
+    path = series / "slice_0001.dcm"
+    ds = pydicom.dcmread(path)
+    edit(ds)
+    ds.save_as(path)
+    return series
+
+
+def _cut_rows(ds) -> None:
+    ds.PixelData = ds.pixel_array[:8].tobytes()
+    ds.Rows = 8
+
+
+def _dicom_missing_slice(folder: Path) -> Path:
+    series = _dicom_series(folder / "gap")
+    (series / "slice_0002.dcm").unlink()
+    return series
+
+
+def _dicom_duplicate_slice(folder: Path) -> Path:
+    series = _dicom_series(folder / "dup")
+    shutil.copy(series / "slice_0001.dcm", series / "slice_0001 copy.dcm")
+    return series
+
+
 @pytest.mark.parametrize(
     "make, name, phrase",
     [
@@ -401,10 +489,27 @@ def _nhdr_truncated_data(folder: Path) -> Path:
         (_dicom_one_slice_of_other_pixel_spacing, "mixed_spacing",
          "DICOM slice slice_0003.dcm has pixel spacing 0.6 x 0.6 mm, the series 0.8 x 0.8 mm"),
         (_nifti_zero_affine, "zero.nii.gz", "the voxel-to-world matrix (affine) of zero.nii.gz is zero or singular"),
+        (lambda folder: _empty(folder, "empty.nii.gz"), "empty.nii.gz", "cannot read the header of empty.nii.gz: ImageFileError: Empty file"),
+        (_nhdr_without_data, "nodata.nhdr", "NRRD header nodata.nhdr points to data file nodata.raw, which does not exist"),
+        (lambda folder: _nrrd_edited(folder, "type.nrrd", b"type: float", b"type: quux"), "type.nrrd",
+         "NRRD header of type.nrrd has an unknown type 'quux'"),
+        (lambda folder: _nrrd_edited(folder, "sizes.nrrd", b"sizes:", b"extent:"), "sizes.nrrd", "NRRD header of sizes.nrrd has no 'sizes' field"),
+        (lambda folder: _metaimage_data(folder, "missing"), "missing.mhd", "MetaImage header missing.mhd points to data file missing.raw, which does not exist"),
+        (lambda folder: _metaimage_data(folder, "cut"), "cut.raw", "MetaImage data file cut.raw is truncated (3072 bytes, header needs 6144)"),
+        (_dicom_missing_slice, "gap", "inconsistent DICOM slice spacing (gaps from 2.5 to 5 mm, median 2.5 mm): a missing slice?"),
+        (_dicom_duplicate_slice, "dup", "two DICOM slices at the same position (duplicate slice)"),
+        (lambda folder: _dicom_retagged_slice(folder, "nopos", lambda ds: delattr(ds, "ImagePositionPatient")), "nopos",
+         "DICOM slice(s) slice_0001.dcm of the series have no ImagePositionPatient or ImageOrientationPatient"),
+        (lambda folder: _dicom_retagged_slice(folder, "nospacing", lambda ds: delattr(ds, "PixelSpacing")), "nospacing",
+         "DICOM slice slice_0001.dcm has no usable pixel spacing (none)"),
+        (lambda folder: _dicom_retagged_slice(folder, "rows", _cut_rows), "rows", "DICOM slices of different sizes ((16, 16) and (8, 16))"),
     ],
     ids=["truncated-nrrd", "truncated-nrrd-gzip", "truncated-nhdr-data", "truncated-nii-gz", "truncated-nii", "corrupt-nifti", "2d-to-3d-bundle", "two-channels", "nan", "inf",
          "dicom-corrupt-slice", "dicom-truncated-slice", "dicom-two-series", "dicom-single-slice",
-         "dicom-mixed-pixel-spacing", "nifti-zero-affine"],  # fmt: skip
+         "dicom-mixed-pixel-spacing", "nifti-zero-affine", "empty-nifti", "nhdr-without-data", "nrrd-unknown-type",
+         "nrrd-without-sizes", "metaimage-without-raw", "metaimage-truncated-raw", "dicom-missing-slice",
+         "dicom-duplicate-slice", "dicom-slice-without-position", "dicom-slice-without-pixel-spacing",
+         "dicom-slice-of-other-size"],  # fmt: skip
 )
 def test_bad_volume_is_one_line_naming_the_file(tmp_path, make, name, phrase):
     path = make(tmp_path)
@@ -728,7 +833,7 @@ def test_failed_case_leaves_no_partial_file_and_the_batch_goes_on(png_inputs, tm
     assert rows["b.png"] == "failed: OSError: disk full"
     assert rows["trunc.png"].startswith(f"failed: {png_inputs / 'trunc.png'}: cannot read the image")
     # nothing half-written, no temp file; the journal is what lets --skip_existing continue a killed run
-    assert sorted(p.name for p in out.iterdir()) == ["a.bin", "results.csv", "results.journal.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.bin", "results.csv", "results.journal.jsonl", "results.lock"]
 
 
 def _huge_png(folder: Path) -> Path:

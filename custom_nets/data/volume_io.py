@@ -206,6 +206,7 @@ def dicom_series_files(folder: str | os.PathLike, spacing_tolerance: float = 0.0
     tags = ["SeriesInstanceUID", "ImagePositionPatient", "ImageOrientationPatient", "Rows", "Columns", "NumberOfFrames",
             "PixelSpacing"]  # fmt: skip
     series: dict[str, list[tuple[str, Any]]] = {}
+    unplaced: dict[str, list[str]] = {}  # slices of a series without ImagePositionPatient/ImageOrientationPatient
     for path in sorted(folder.iterdir()):
         if not path.is_file() or path.name.startswith("."):
             continue
@@ -217,6 +218,8 @@ def dicom_series_files(folder: str | os.PathLike, spacing_tolerance: float = 0.0
                 raise _fail(case, f"corrupt DICOM file {path.name} ({reason})") from None
             continue  # not DICOM: a stray file, not part of a series
         if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "Rows" not in ds:
+            if "Rows" in ds and "NumberOfFrames" not in ds:  # a single-frame image without its place
+                unplaced.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(path.name)
             continue  # no image plane: RTSTRUCT, SR, DICOMDIR, multi-frame enhanced objects
         series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((str(path), ds))
     if not series:
@@ -228,7 +231,13 @@ def dicom_series_files(folder: str | os.PathLike, spacing_tolerance: float = 0.0
             f"{len(series)} DICOM image series in one folder ({', '.join(map(str, sizes))} slices); "
             "put each series in its own folder",
         )
-    slices = next(iter(series.values()))
+    uid, slices = next(iter(series.items()))
+    if unplaced.get(uid):  # skipping them would look like missing slices
+        names = unplaced[uid]
+        raise _fail(
+            case, f"DICOM slice(s) {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} of the series have no "
+            "ImagePositionPatient or ImageOrientationPatient: the slices cannot be put in order"
+        )  # fmt: skip
     if len(slices) < 2:
         raise _fail(case, "the DICOM series has a single slice; a volume needs at least two")
     first = slices[0][1]
@@ -405,7 +414,8 @@ def volume_grid(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray | 
     except VolumeInputError:
         raise
     except Exception as e:  # nibabel/ITK raise many types for damaged headers
-        raise _fail(case, f"cannot read the header of {path.name}: {describe_error(e)}") from None
+        problem = nrrd_data_problem(path) if fmt == "nrrd" else None  # ITK only says "Error reading"
+        raise _fail(case, problem or f"cannot read the header of {path.name}: {describe_error(e)}") from None
     if len(shape) < 3:
         raise _fail(case, f"{path.name} is a 2D image ({'x'.join(map(str, shape))}); this bundle segments 3D volumes")
     extra = int(np.prod(shape[3:])) * components
