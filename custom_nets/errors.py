@@ -14,11 +14,12 @@ exceptions themselves are ordinary ``ValueError``/``OSError`` subclasses.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from types import TracebackType
 
-__all__ = ["InputError", "describe_error", "exception_chain", "input_error_in", "install_excepthook", "require"]
+__all__ = ["InputError", "describe_error", "disk_full_error", "exception_chain", "input_error_in", "install_excepthook", "require"]
 
 # Besides InputError, these mean "a path the user gave is wrong"; their messages name the path.
 _USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -55,6 +56,16 @@ def exception_chain(error: BaseException) -> list[BaseException]:
         chain.append(current)
         current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
     return chain
+
+
+def disk_full_error(error: BaseException) -> OSError | None:
+    """
+    The "no space left" (or over-quota) :class:`OSError` in ``error``'s chain, if any. Writers may wrap it
+    (PIL's PNG writer reports it as ``AttributeError: '_idat' object has no attribute 'fileno'``), so the chain
+    is searched rather than its last link read.
+    """
+    full = (errno.ENOSPC, errno.EDQUOT)
+    return next((e for e in exception_chain(error) if isinstance(e, OSError) and e.errno in full), None)
 
 
 def input_error_in(error: BaseException) -> BaseException | None:

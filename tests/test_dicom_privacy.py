@@ -160,7 +160,7 @@ def test_reading_the_series_keeps_no_identifier_in_its_metadata(tmp_path):
 def test_inference_on_the_series_succeeds(inference, workspace):
     result, outputs, _ = inference
     assert result.returncode == 0, result.stderr[-3000:]
-    expected = {"nodules.csv", "results.csv", "results.journal.jsonl", *(f"{case}_seg.nii.gz" for case in workspace.cases)}
+    expected = {"nodules.csv", "results.csv", "results.journal.jsonl", "results.lock", *(f"{case}_seg.nii.gz" for case in workspace.cases)}
     assert {p.name for p in outputs.iterdir()} == expected
 
 

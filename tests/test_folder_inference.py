@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import csv
+import errno
 import logging
 import os
 import re
+import shutil
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -221,3 +225,119 @@ def test_one_line_error_names_the_monai_transform_and_root_cause():
             raise RuntimeError("applying transform <monai.transforms.io.dictionary.LoadImaged object at 0x7f>") from inner
     except RuntimeError as outer:
         assert one_line_error(outer) == "LoadImaged: OSError: image file is truncated"
+
+
+# ----- the output folder: one run at a time, a disk that fills up ---------------------------------------
+
+_HOLD_LOCK = """
+import sys, time
+from custom_nets.engines.output_guards import output_folder_lock
+with output_folder_lock(sys.argv[1], "inference single process"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.fixture
+def lock_holder():
+    """Start a process that holds a lock file (as a running batch does); killed with SIGKILL at the end."""
+    processes = []
+
+    def hold(lock_file) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(lock_file)], stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().strip() == "held"
+        processes.append(process)
+        return process
+
+    yield hold
+    for process in processes:
+        process.kill()
+        process.wait()
+
+
+def test_a_second_run_into_a_busy_output_folder_is_refused_naming_the_holder(inputs, tmp_path, lock_holder):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = lock_holder(out / "results.lock")
+    with pytest.raises(InputError) as info:
+        _runner(inputs, out, exit_code_on_failure=None).run()
+    message = str(info.value)
+    assert message.startswith(f"{out}: output folder is in use by another run (process {holder.pid} on ")
+    assert "\n" not in message and "results.lock" in message
+    assert sorted(p.name for p in out.iterdir()) == ["results.lock"]  # nothing of the refused run
+    holder.kill()  # the lock goes with its process, even with SIGKILL: no stale lock
+    holder.wait()
+    rows = _runner(inputs, out, exit_code_on_failure=None).run()
+    assert len(rows) == 5 and (out / "a_mask.png").is_file()
+
+
+def test_shards_lock_their_own_table_so_they_share_a_folder(inputs, tmp_path, lock_holder):
+    out = tmp_path / "out"
+    out.mkdir()
+    lock_holder(out / "results.shard-0-of-2.lock")
+    rows = _runner(inputs, out, exit_code_on_failure=None, shard="1/2").run()
+    assert [r["image"] for r in rows] == ["b.nii.gz", "c.dcm"]
+    with pytest.raises(InputError, match="in use by another run"):
+        _runner(inputs, out, exit_code_on_failure=None, shard="0/2").run()
+
+
+def _disk_full_like_pil(case) -> None:
+    """What PIL's PNG writer raises on a full disk: the ENOSPC OSError, with an AttributeError as its context."""
+    try:
+        raise AttributeError("'_idat' object has no attribute 'fileno'")
+    except AttributeError:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+
+
+def test_a_case_that_no_longer_fits_fails_alone_without_its_mask_and_the_table_is_written(inputs, tmp_path):
+    out = tmp_path / "out"
+    runner = _runner(inputs, out, exit_code_on_failure=None)
+    runner.case_outputs.append(_disk_full_like_pil)  # after MaskWriter and OverlayWriter have written
+    rows = {r["image"]: r["status"] for r in runner.run()}
+    assert rows["a.png"] == f"failed: _disk_full_like_pil could not write into {out}: No space left on device; free space and continue with --skip_existing true"
+    assert not list(out.glob("*_mask*")) and not list(out.glob("*_overlay*")), "a failed case left files"
+    assert _results(out)["a.png"]["status"] == rows["a.png"]
+
+
+def _mount_tmpfs(folder, size: str) -> None:
+    folder.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a real full disk needs a tmpfs, which only root can mount")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 KiB file system (tmpfs) as the output folder, unmounted at the end."""
+    folder = tmp_path / "small disk"
+    _mount_tmpfs(folder, "400k")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_disk_that_fills_up_fails_the_cases_that_do_not_fit_and_keeps_the_table(tmp_path, small_disk):
+    folder = tmp_path / "noise"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):  # noise compresses badly: each overlay is about 150 KiB
+        write_png(folder / f"{i}.png", (rng.random((200, 250)) * 255).astype(np.uint8))
+    runner = _runner(folder, small_disk, exit_code_on_failure=None)
+    rows = {r["image"]: r["status"] for r in runner.run()}
+    failed = {name: status for name, status in rows.items() if status != "ok"}
+    assert failed and len(failed) < len(rows), rows  # some fitted, the rest did not
+    for status in failed.values():
+        assert status.startswith("failed: ") and "No space left on device" in status, status
+    table = _results(small_disk)
+    assert {name: row["status"] for name, row in table.items()} == rows
+    for name, status in rows.items():  # a mask exactly for the cases that succeeded
+        assert (small_disk / name.replace(".png", "_mask.png")).is_file() == (status == "ok")
+    assert not [p.name for p in small_disk.iterdir() if p.name.startswith(".")]
+
+
+def test_an_output_folder_without_room_for_the_table_stops_before_the_first_case(tmp_path, small_disk, inputs):
+    (small_disk / "filler").write_bytes(b"\0" * 360 * 1024)
+    with pytest.raises(InputError, match="output folder has no room even for the results table"):
+        _runner(inputs, small_disk, exit_code_on_failure=None).run()
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "results.lock"]

@@ -96,6 +96,9 @@ class MaskWriter:
     Returns from a call ``{"mask": <file name>}``.
     """
 
+    #: the result columns that name a file this writer wrote (removed again when a later output of the case fails)
+    file_columns = ("mask",)
+
     def __init__(
         self,
         output_dir: str | os.PathLike,
@@ -155,6 +158,9 @@ class OverlayWriter:
 
     Returns from a call ``{"overlay": <file name>}``.
     """
+
+    #: the result columns that name a file this writer wrote (removed again when a later output of the case fails)
+    file_columns = ("overlay",)
 
     def __init__(
         self,

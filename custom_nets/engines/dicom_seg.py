@@ -181,6 +181,9 @@ class DicomSegWriter:
         writer({"image": read_volume("ct/series_folder"), "pred": mask})  # {"dicom_seg": "series_folder_seg.dcm"}
     """
 
+    #: the result columns that name a file this writer wrote (removed again when a later output of the case fails)
+    file_columns = ("dicom_seg",)
+
     def __init__(
         self,
         output_dir: str | os.PathLike,

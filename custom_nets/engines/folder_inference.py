@@ -32,8 +32,9 @@ from monai.inferers import Inferer, SimpleInferer
 from custom_nets.data.atomic_write import write_csv_atomic
 from custom_nets.data.inference_inputs import as_flag
 from custom_nets.engines.resume import CaseJournal, case_complete, input_id, journal_row
-from custom_nets.engines.scaleout import barrier, merge_shard_tables, merge_side_tables, parse_shard
-from custom_nets.errors import InputError, exception_chain
+from custom_nets.engines.output_guards import TableSpaceReserve, output_folder_lock
+from custom_nets.engines.scaleout import Shard, barrier, merge_shard_tables, merge_side_tables, parse_shard
+from custom_nets.errors import InputError, disk_full_error, exception_chain
 from custom_nets.tracking.progress import LoopProgress
 
 __all__ = ["IMAGE_SUFFIXES", "list_images", "check_output_dir", "one_line_error", "FolderInference"]
@@ -320,8 +321,23 @@ class FolderInference:
             case[self.pred_key] = case[self.pred_key].clone().zero_()
             columns["note"] = "constant image: empty mask"
             self.logger.warning(f"{item[self.image_key]}: constant image after pre-processing, nothing to segment: empty mask")
+        written: list[Path] = []
         for output in self.case_outputs:
-            columns.update(self._timed(_stage_name(output), output, case) or {})
+            try:
+                result = self._timed(_stage_name(output), output, case) or {}
+            except Exception as e:
+                for path in written:  # a failed case gets no mask: nothing of it stays on disk
+                    path.unlink(missing_ok=True)
+                full = disk_full_error(e)
+                if full is not None:
+                    raise InputError(
+                        f"{_stage_name(output)} could not write into {getattr(output, 'output_dir', self.output_dir)}: "
+                        f"{full.strerror or 'no space left on device'}; free space and continue with --skip_existing true"
+                    ) from e
+                raise
+            columns.update(result)
+            names = [str(result[c]) for c in getattr(output, "file_columns", ()) if c in result]
+            written += [Path(output.output_dir, n) for n in names if os.path.basename(n) == n]  # not "skipped: ..."
         # the written mask's shape, kept in the journal: a resumed run checks the file against it
         return {"columns": columns, "shape": [int(n) for n in torch.as_tensor(case[self.pred_key]).shape]}
 
@@ -400,6 +416,40 @@ class FolderInference:
                 self.logger.info(f"{item.get(self.image_key)}: runs again ({reason})")
         return kept
 
+    def _run_cases(
+        self,
+        todo: Sequence[tuple[int, dict[str, Any]]],
+        records: dict[int, dict[str, Any]],
+        failures: list[tuple[str, str]],
+        journal: CaseJournal | None,
+        progress: LoopProgress,
+    ) -> None:
+        """Run ``todo`` case by case into ``records`` (by input index) and ``failures``, journalling each case."""
+        journal_ok = True
+        for (position, item, future), (index, _) in zip(self._cases([item for _, item in todo]), todo):
+            path = str(item.get(self.image_key))
+            shape = None
+            try:
+                result = future.result()
+            except Exception as e:  # one broken case must not stop the batch
+                reason = one_line_error(e)
+                failures.append((path, reason))
+                row = {"image": os.path.basename(path), "status": f"failed: {reason}"}
+                self.logger.error(f"[{position}/{len(todo)}] {_naming(path, reason)}")
+            else:
+                row, shape = {"image": os.path.basename(path), "status": "ok", **result["columns"]}, result["shape"]
+                self.logger.info(f"[{position}/{len(todo)}] {os.path.basename(path)}: ok")
+            records[index] = {"index": index, "total": len(self.inputs), "input": input_id(path), "row": journal_row(row), "shape": shape}
+            if journal is not None and journal_ok:
+                try:
+                    journal.append(records[index])
+                except OSError as e:  # the disk filled up: the rows stay in memory for the table at the end
+                    if disk_full_error(e) is None:
+                        raise
+                    journal_ok = False
+                    self.logger.error(f"{journal.path}: {e.strerror}; the journal is written again at the end of the run")
+            progress.update()
+
     def run(self) -> list[dict[str, Any]]:
         """
         Infer every input (of this shard); write the results table; exit with ``exit_code_on_failure``
@@ -409,11 +459,20 @@ class FolderInference:
         shard = parse_shard(self.shard)
         if self.output_dir is not None:
             check_output_dir(self.output_dir, self.input_dir)
+        if self.results_csv is None:
+            return self._run(shard)
+        # one run per table (and shard): a second run into this folder would mix rows and overwrite masks
+        with output_folder_lock(shard.file_path(self.results_csv).with_suffix(".lock"), f"inference {shard.label}"):
+            return self._run(shard)
+
+    def _run(self, shard: Shard) -> list[dict[str, Any]]:
         self.network.eval()
         self.stage_seconds = {}
         indexed = shard.take(self.inputs)
         table = shard.file_path(self.results_csv) if self.results_csv is not None else None
         journal = CaseJournal(shard.journal_path(self.results_csv)) if self.results_csv is not None else None
+        # room for the table and journal at the end, set aside before the first case may fill the disk
+        reserve = TableSpaceReserve(table, len(indexed)) if table is not None else None
         kept = self._resumed(indexed, journal) if self.skip_existing and journal is not None else {}
         if journal is not None and not self.skip_existing:
             journal.rewrite([])  # a fresh run: rows of an earlier run in this folder are not this run's
@@ -430,30 +489,23 @@ class FolderInference:
         start = time.perf_counter()
         # a tqdm bar (rate, ETA) on a terminal; in a log, a progress line every 10 % of the inputs
         progress = LoopProgress(len(todo), "inference", unit="image", bar=self.progress, logger=self.logger)
-        for (position, item, future), (index, _) in zip(self._cases([item for _, item in todo]), todo):
-            path = str(item.get(self.image_key))
-            shape = None
-            try:
-                result = future.result()
-            except Exception as e:  # one broken case must not stop the batch
-                reason = one_line_error(e)
-                failures.append((path, reason))
-                row = {"image": os.path.basename(path), "status": f"failed: {reason}"}
-                self.logger.error(f"[{position}/{len(todo)}] {_naming(path, reason)}")
-            else:
-                row, shape = {"image": os.path.basename(path), "status": "ok", **result["columns"]}, result["shape"]
-                self.logger.info(f"[{position}/{len(todo)}] {os.path.basename(path)}: ok")
-            records[index] = {"index": index, "total": len(self.inputs), "input": input_id(path), "row": journal_row(row), "shape": shape}
-            if journal is not None:
-                journal.append(records[index])
-            progress.update()
-        progress.close()
+        try:
+            self._run_cases(todo, records, failures, journal, progress)
+        finally:
+            progress.close()
+            if reserve is not None:
+                reserve.release()
         elapsed = time.perf_counter() - start
         ordered = [records[index] for index in sorted(records)]
         rows = [r["row"] for r in ordered]
         if table is not None and journal is not None:
-            journal.rewrite(ordered)  # exactly the table's rows: stale lines of re-run cases go
-            write_csv_atomic(table, rows)
+            try:
+                journal.rewrite(ordered)  # exactly the table's rows: stale lines of re-run cases go
+                write_csv_atomic(table, rows)
+            except OSError as e:
+                if disk_full_error(e) is None:
+                    raise
+                raise InputError(f"{table}: cannot write the results table: {e.strerror}; free space and rerun with --skip_existing true") from None
             self.logger.info(f"results table: {table}")
         done = len(todo) - len(failures)
         self.logger.info(f"{done} of {len(todo)} image(s) processed in {elapsed:.1f} s")

@@ -48,6 +48,9 @@ class VolumeMaskWriter:
         ValueError: the label map is not on the scan's voxel grid.
     """
 
+    #: the result columns that name a file this writer wrote (removed again when a later output of the case fails)
+    file_columns = ("mask",)
+
     def __init__(self, output_dir: str | os.PathLike, pred_key: str = "pred", image_key: str = "image", postfix: str = "_seg") -> None:
         self.output_dir = Path(output_dir)
         self.pred_key, self.image_key, self.postfix = pred_key, image_key, postfix
