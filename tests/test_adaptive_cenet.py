@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from custom_nets.networks.blocks.adaptive_atrous_conv import AdaptiveAtrousConv
 from custom_nets.networks.blocks.attention_rmp import AttentionRMP
@@ -100,3 +101,20 @@ def test_network_mixing_logits_receive_gradients():
     model(torch.randn(2, 1, 64, 64)).mean().backward()
     assert model.aac.mixing_logits.grad is not None
     assert model.aac.mixing_logits.grad.abs().sum() > 0
+
+
+def test_norm_and_act_with_arguments_reach_every_block_after_the_encoder():
+    """``(name, {args})`` as in MONAI's nets: it raised (norm) or lost its arguments (act) in the AAC before."""
+    net = AdaptiveCENet(spatial_dims=2, in_channels=1, out_channels=2, norm=("group", {"num_groups": 8}), act=("leakyrelu", {"negative_slope": 0.1}))
+    after_encoder = [m for name, m in net.named_modules() if not name.startswith("encoder")]
+    assert not [m for m in after_encoder if isinstance(m, nn.BatchNorm2d)]
+    groups = [m for m in after_encoder if isinstance(m, nn.GroupNorm)]
+    leaky = [m for m in after_encoder if isinstance(m, nn.LeakyReLU)]
+    assert groups and all(m.num_groups == 8 for m in groups)
+    assert leaky and all(m.negative_slope == 0.1 for m in leaky)
+    assert net(torch.randn(2, 1, 64, 64)).shape == (2, 2, 64, 64)
+
+
+def test_the_default_norm_and_act_keep_the_state_dict_of_trained_checkpoints(net):
+    explicit = AdaptiveCENet(spatial_dims=2, in_channels=1, out_channels=2, norm="batch", act="relu")
+    assert list(explicit.state_dict()) == list(net.state_dict())

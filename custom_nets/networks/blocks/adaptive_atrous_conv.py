@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from monai.networks.blocks import ChannelSELayer
 from monai.networks.layers.factories import Act, Conv, Norm
+from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from torch import nn
 
 __all__ = ["AdaptiveAtrousConv"]
@@ -31,8 +32,9 @@ class AdaptiveAtrousConv(nn.Module):
         rates: dilation rates of the bank.
         reduction: channel reduction of the bank relative to ``in_channels``.
         attention_kernel_size: kernel of the spatial-attention convolution.
-        norm: normalisation of the convolutions (MONAI factory name).
-        act: activation (MONAI factory name).
+        norm: normalisation of the convolutions: a MONAI factory name or ``(name, {args})``, e.g.
+            ``("group", {"num_groups": 8})``.
+        act: activation: a MONAI factory name or ``(name, {args})``.
 
     Example::
 
@@ -57,23 +59,24 @@ class AdaptiveAtrousConv(nn.Module):
         if len(rates) < 1:
             raise ValueError("AdaptiveAtrousConv needs at least one dilation rate.")
         conv = Conv[Conv.CONV, spatial_dims]
-        norm_type, act_type = Norm[norm, spatial_dims], Act[act]
         mid = max(in_channels // reduction, 1)
         self.rates = [int(r) for r in rates]
 
-        self.reduce = nn.Sequential(conv(in_channels, mid, kernel_size=1, bias=False), norm_type(mid), act_type())
+        self.reduce = nn.Sequential(
+            conv(in_channels, mid, kernel_size=1, bias=False), get_norm_layer(norm, spatial_dims, mid), get_act_layer(act)
+        )
         self.bank = nn.ModuleList(
             [conv(mid, mid, kernel_size=3, padding=r, dilation=r, bias=False) for r in self.rates]
         )
         # Zero logits: every rate starts with the same weight and training moves the mix.
         self.mixing_logits = nn.Parameter(torch.zeros(len(self.rates)))
-        self.mix_norm = nn.Sequential(norm_type(mid), act_type())
+        self.mix_norm = nn.Sequential(get_norm_layer(norm, spatial_dims, mid), get_act_layer(act))
         self.spatial_attention = nn.Sequential(
             conv(mid, 1, kernel_size=attention_kernel_size, padding=attention_kernel_size // 2), nn.Sigmoid()
         )
         self.channel_attention = ChannelSELayer(spatial_dims, mid, r=4)
-        self.expand = nn.Sequential(conv(mid, in_channels, kernel_size=1, bias=False), norm_type(in_channels))
-        self.out_act = act_type()
+        self.expand = nn.Sequential(conv(mid, in_channels, kernel_size=1, bias=False), get_norm_layer(norm, spatial_dims, in_channels))
+        self.out_act = get_act_layer(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         reduced = self.reduce(x)

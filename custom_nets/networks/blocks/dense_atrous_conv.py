@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from monai.networks.layers.factories import Act, Conv
+from monai.networks.layers.utils import get_act_layer
 from torch import nn
 
 __all__ = ["DenseAtrousConv"]
@@ -30,6 +31,7 @@ class DenseAtrousConv(nn.Module):
         spatial_dims: number of spatial dimensions of the input.
         channels: number of input (and output) channels.
         dilations: dilation rates of ``dilate1``, ``dilate2``, ``dilate3``.
+        act: activation of the branches: a MONAI factory name or ``(name, {args})``.
 
     Example::
 
@@ -38,7 +40,9 @@ class DenseAtrousConv(nn.Module):
         torch.Size([1, 512, 8, 8])
     """
 
-    def __init__(self, spatial_dims: int, channels: int, dilations: tuple[int, int, int] = (1, 3, 5)) -> None:
+    def __init__(
+        self, spatial_dims: int, channels: int, dilations: tuple[int, int, int] = (1, 3, 5), act: str | tuple = Act.RELU
+    ) -> None:
         super().__init__()
         if len(dilations) != 3:
             raise ValueError(f"DenseAtrousConv needs exactly three dilation rates, got {dilations}.")
@@ -48,7 +52,7 @@ class DenseAtrousConv(nn.Module):
         self.dilate2 = conv_type(channels, channels, kernel_size=3, dilation=dilations[1], padding=dilations[1])
         self.dilate3 = conv_type(channels, channels, kernel_size=3, dilation=dilations[2], padding=dilations[2])
         self.conv1x1 = conv_type(channels, channels, kernel_size=1)
-        self.act = Act[Act.RELU]()
+        self.act = get_act_layer(act)
         # The official block starts every bias at zero.
         for conv in (self.dilate1, self.dilate2, self.dilate3, self.conv1x1):
             nn.init.zeros_(conv.bias)

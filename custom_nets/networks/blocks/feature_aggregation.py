@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Norm
+from monai.networks.layers.utils import get_norm_layer
 from torch import nn
 
 __all__ = ["FeatureAggregation"]
@@ -24,7 +25,7 @@ class FeatureAggregation(nn.Module):
         spatial_dims: 2 or 3.
         in_channels: channels of each encoder stage, finest first.
         out_channels: channels of the aggregated map.
-        norm: normalisation applied to the sum (MONAI factory name).
+        norm: normalisation applied to the sum: a MONAI factory name or ``(name, {args})``.
 
     Example::
 
@@ -41,7 +42,7 @@ class FeatureAggregation(nn.Module):
         conv = Conv[Conv.CONV, spatial_dims]
         self.interpolation = "bilinear" if spatial_dims == 2 else "trilinear"
         self.projections = nn.ModuleList([conv(c, out_channels, kernel_size=1, bias=False) for c in in_channels])
-        self.norm = Norm[norm, spatial_dims](out_channels)
+        self.norm = get_norm_layer(norm, spatial_dims, out_channels)
 
     def forward(self, features: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         grid = target.shape[2:]

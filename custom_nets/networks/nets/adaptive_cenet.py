@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.layers.factories import Conv
+from monai.networks.layers.factories import Act, Conv, Norm
 from torch import nn
 
 from custom_nets.networks.blocks.adaptive_atrous_conv import AdaptiveAtrousConv
@@ -46,10 +46,15 @@ class AdaptiveCENet(nn.Module):
         aac_rates: dilation rates of the adaptive atrous convolution.
         aac_reduction: channel reduction of the atrous bank.
         rmp_pool_sizes: pooling sizes of the attention RMP.
-        aggregation_channels: ignored unless it differs from the /8 skip width; the aggregation is added to
-            the e2 skip, so it has that skip's channels (128).
         global_channels: width of the decoder's global path.
         decoder_channels: width of the fused decoder output before the head.
+        act: activation of the blocks after the encoder (AAC, aggregation, decoder): a MONAI factory name or
+            ``(name, {args})``.
+        norm: normalisation of those blocks: a MONAI factory name or ``(name, {args})``, e.g.
+            ``("group", {"num_groups": 16})`` for small batches. The ResNet-34 encoder keeps batch norm and
+            ReLU: its ImageNet weights were trained with them (and MONAI's ResNet passes neither to its
+            residual blocks).
+        The feature aggregation is added to the e2 skip, so it has that skip's channels (128).
 
     Input sides must be multiples of 32; a wrong input raises a ``ValueError`` naming the problem.
 
@@ -73,6 +78,8 @@ class AdaptiveCENet(nn.Module):
         rmp_pool_sizes: Sequence[int] = (2, 3, 5, 6),
         global_channels: int = 64,
         decoder_channels: int = 32,
+        act: str | tuple = Act.RELU,
+        norm: str | tuple = Norm.BATCH,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -90,15 +97,17 @@ class AdaptiveCENet(nn.Module):
             load_pretrained_encoder(self.encoder, pretrained_path)
         _, c1, c2, c3, c4 = self.encoder.out_channels
 
-        self.aac = AdaptiveAtrousConv(spatial_dims, c4, rates=aac_rates, reduction=aac_reduction)
+        self.aac = AdaptiveAtrousConv(spatial_dims, c4, rates=aac_rates, reduction=aac_reduction, norm=norm, act=act)
         self.rmp = AttentionRMP(spatial_dims, c4, pool_sizes=rmp_pool_sizes)
-        self.aggregation = FeatureAggregation(spatial_dims, in_channels=(c1, c2, c3, c4), out_channels=c2)
+        self.aggregation = FeatureAggregation(spatial_dims, in_channels=(c1, c2, c3, c4), out_channels=c2, norm=norm)
         self.decoder = DualPathDecoder(
             spatial_dims,
             context_channels=self.rmp.out_channels,
             skip_channels=(c3, c2, c1),
             global_channels=global_channels,
             out_channels=decoder_channels,
+            norm=norm,
+            act=act,
         )
         self.head = Conv[Conv.CONV, spatial_dims](decoder_channels, out_channels, kernel_size=1)
 
