@@ -15,7 +15,6 @@ exceptions themselves are ordinary ``ValueError``/``OSError`` subclasses.
 from __future__ import annotations
 
 import errno
-import os
 import sys
 from types import TracebackType
 
@@ -74,8 +73,10 @@ def input_error_in(error: BaseException) -> BaseException | None:
 
 
 def _excepthook(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+    from custom_nets.flags import env_flag  # flags needs InputError from here
+
     cause = input_error_in(error)
-    if cause is None or os.environ.get("CUSTOM_NETS_TRACEBACK", "").lower() in ("1", "true", "yes"):
+    if cause is None or env_flag("CUSTOM_NETS_TRACEBACK"):
         sys.__excepthook__(kind, error, traceback)
         return
     message = " ".join(str(cause).split()) or type(cause).__name__

@@ -20,15 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from custom_nets.errors import InputError
+from custom_nets.flags import as_flag
 
-__all__ = ["as_flag", "read_datalist", "check_datalist_inputs", "inference_inputs"]
+__all__ = ["read_datalist", "check_datalist_inputs", "inference_inputs"]
 
 logger = logging.getLogger(__name__)
-
-
-def as_flag(value: Any) -> bool:
-    """A command-line switch as a bool: ``True``, ``1``, ``"true"``, ``"yes"``, ``"on"`` (any case) are on."""
-    return value is True or str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
 def _resolve(value: Any, base_dir: Path) -> str:
@@ -145,7 +141,7 @@ def inference_inputs(
     valid, problems = check_datalist_inputs(input_datalist, entries, image_column)
     for line in problems:
         logger.error(line)
-    if problems and not as_flag(skip_invalid):
+    if problems and not as_flag(skip_invalid, "skip_invalid"):
         raise InputError(
             f"{input_datalist}: {len(problems)} invalid entry(ies), listed above (first: {problems[0].split(': ', 1)[1]}); "
             "fix the datalist or pass --skip_invalid true to run the valid ones"

@@ -24,6 +24,7 @@ import torch
 from custom_nets.data.atomic_write import atomic_path
 from custom_nets.data.volume_io import dicom_series_files
 from custom_nets.errors import InputError
+from custom_nets.flags import as_flag
 
 __all__ = ["DicomSegUnavailableError", "require_highdicom", "dicom_seg_outputs", "frames_on_source_slices", "DicomSegWriter"]
 
@@ -63,16 +64,6 @@ def require_highdicom():
     return highdicom
 
 
-def _as_flag(value: Any) -> bool:
-    """A boolean config value; the bundle CLI passes ``--dicom_seg true`` as the string ``"true"``."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text not in ("true", "false", "1", "0", "yes", "no"):
-            raise InputError(f"--dicom_seg must be true or false, got {value!r}")
-        return text in ("true", "1", "yes")
-    return bool(value)
-
-
 def dicom_seg_outputs(enabled: Any, writer: DicomSegWriter) -> list[DicomSegWriter]:
     """
     ``[writer]`` when ``enabled`` (``True`` or ``"true"``), else ``[]``: the config hook that adds the DICOM
@@ -83,7 +74,7 @@ def dicom_seg_outputs(enabled: Any, writer: DicomSegWriter) -> list[DicomSegWrit
 
         "case_outputs": "$[@mask_writer] + custom_nets.engines.dicom_seg.dicom_seg_outputs(@dicom_seg, @dicom_seg_writer)"
     """
-    if not _as_flag(enabled):
+    if not as_flag(enabled, "dicom_seg"):
         return []
     writer.check()
     return [writer]

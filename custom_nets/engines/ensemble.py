@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from custom_nets.flags import as_flag
 from custom_nets.networks.utils import load_checkpoint
 
 __all__ = ["ProbabilityAverage", "probability_average"]
@@ -79,7 +80,7 @@ def probability_average(
             from the command line.
         device: where the copies run.
     """
-    tta = str(tta).lower() in ("true", "1", "yes")
+    tta = as_flag(tta, "tta")
     if isinstance(checkpoints, (str, os.PathLike)):
         checkpoints = [checkpoints]
     if not checkpoints and not tta:

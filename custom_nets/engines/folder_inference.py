@@ -30,11 +30,11 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer
 
 from custom_nets.data.atomic_write import write_csv_atomic
-from custom_nets.data.inference_inputs import as_flag
 from custom_nets.engines.resume import CaseJournal, case_complete, input_id, journal_row
 from custom_nets.engines.output_guards import TableSpaceReserve, output_folder_lock
 from custom_nets.engines.scaleout import Shard, barrier, merge_shard_tables, merge_side_tables, parse_shard
 from custom_nets.errors import InputError, disk_full_error, exception_chain
+from custom_nets.flags import as_flag
 from custom_nets.tracking.progress import LoopProgress
 
 __all__ = ["IMAGE_SUFFIXES", "list_images", "check_output_dir", "one_line_error", "FolderInference"]
@@ -273,7 +273,7 @@ class FolderInference:
         self.prefetch = int(prefetch)
         self.postprocess_behind = bool(postprocess_behind)
         self.shard = shard
-        self.skip_existing = as_flag(skip_existing)
+        self.skip_existing = as_flag(skip_existing, "skip_existing")
         self.stage_seconds: dict[str, float] = {}
         self.profile: dict[str, float] = {}
         self._timing_lock = threading.Lock()

@@ -53,6 +53,7 @@ from custom_nets.data.atomic_write import atomic_path, write_csv_atomic, write_j
 from custom_nets.data.image2d import _PIL_MODES, check_dicom_photometric, decode_dicom_frame, dicom_pixel_size
 from custom_nets.engines.folder_inference import check_output_dir, one_line_error
 from custom_nets.errors import InputError, describe_error, input_error_in
+from custom_nets.flags import as_flag, env_flag
 
 __all__ = [
     "FRAME_SUFFIXES",
@@ -364,10 +365,6 @@ class FrameResult:
         return self.preprocess_s + self.network_s + self.postprocess_s
 
 
-def _as_bool(value: Any) -> bool:
-    return value is True or str(value).strip().lower() in ("1", "true", "yes", "on")
-
-
 class StreamInference:
     """
     A bundle's own inference pieces, built once from ``configs/inference.json``, applied to one
@@ -638,7 +635,7 @@ def run_stream(
     if live and source.fps is None:
         raise InputError(f"{source.path}: live replay needs a frame rate; this source has none (give --fps)")
     overlays = None
-    if _as_bool(overlay):
+    if as_flag(overlay, "overlay"):
         try:
             _import_av()
             use_video = True
@@ -779,10 +776,10 @@ def stream_command(
     try:
         frames = open_source(source, fps)
         engine = StreamInference(bundle, precision, overrides)
-        run_stream(engine, frames, output_dir, pixel_size_mm, overlay, _as_bool(live), queue_size)
+        run_stream(engine, frames, output_dir, pixel_size_mm, overlay, as_flag(live, "live"), queue_size)
     except Exception as e:
         cause = input_error_in(e)
-        if cause is None or os.environ.get("CUSTOM_NETS_TRACEBACK", "").lower() in ("1", "true", "yes"):
+        if cause is None or env_flag("CUSTOM_NETS_TRACEBACK"):
             raise
         print(f"error: {' '.join(str(cause).split())}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from custom_nets.data.inference_inputs import as_flag
 from custom_nets.data.luna16 import nodule_table, write_nodule_csv
 from custom_nets.data.volume_io import write_mask_like
+from custom_nets.flags import as_flag
 
 __all__ = ["VolumeMaskWriter", "NoduleTableWriter"]
 
@@ -93,7 +93,7 @@ class NoduleTableWriter:
         self.path = Path(output_dir) / filename
         self.pred_key, self.image_key, self.min_voxels = pred_key, image_key, min_voxels
         self._rows: dict[str, list[dict[str, Any]]] = {}
-        if as_flag(keep_existing) and self.path.is_file():
+        if as_flag(keep_existing, "keep_existing") and self.path.is_file():
             with open(self.path, newline="", encoding="utf-8") as f:
                 for row in csv.DictReader(f):
                     self._rows.setdefault(row.get("case", ""), []).append(row)
