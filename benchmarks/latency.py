@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib
 import json
 import os
 import platform
@@ -54,24 +53,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from custom_nets.deploy.onnx_runtime import onnxruntime_forward_for
 from custom_nets.engines.fast_path import choose_precision, cpu_info
 from custom_nets.errors import InputError
+from custom_nets.networks import registry
+from custom_nets.networks.registry import NETWORKS
 
 # benchmarks/ is on sys.path when run as a script
 import end_to_end
 from fast_modes import bf16_is_emulated, describe_isa, fast_forward, int8_forward
 from process_memory import proc_status_mb, reset_peak_rss
 
-# MONAI UNet baseline: a standard 2D configuration (5 levels, 4 down-samplings, residual units).
-UNET_CONFIG = {"channels": (32, 64, 128, 256, 512), "strides": (2, 2, 2, 2), "num_res_units": 2}
-
-# name -> (module path, class name, extra constructor arguments)
-NETWORKS: dict[str, tuple[str, str, dict]] = {
-    "AdaptiveCENet": ("custom_nets.networks.nets.adaptive_cenet", "AdaptiveCENet", {}),
-    "CENet": ("custom_nets.networks.nets.cenet", "CENet", {}),
-    "UNet": ("monai.networks.nets", "UNet", UNET_CONFIG),
-    "ResNetUNet34": ("custom_nets.networks.nets.resnet_unet", "ResNetUNet", {"depth": 34}),
-    "ResNetUNet101": ("custom_nets.networks.nets.resnet_unet", "ResNetUNet", {"depth": 101}),
-    "ShallowSegNet": ("custom_nets.networks.nets.shallow_segnet", "ShallowSegNet", {}),
-}
 DEFAULT_NETWORKS = ("AdaptiveCENet", "CENet", "UNet", "ResNetUNet34")
 DEFAULT_SIZES = (256, 512, 1024)
 #: Model-only modes; ``eager`` is kept as another name of ``fp32-eager`` (earlier commands use it).
@@ -107,9 +96,7 @@ RSS_NOTE = (
 
 def build_network(name: str, in_channels: int, out_channels: int) -> nn.Module:
     """Instantiate a benchmarked network by its name in :data:`NETWORKS` (eval mode)."""
-    module_path, class_name, extra = NETWORKS[name]
-    cls = getattr(importlib.import_module(module_path), class_name)
-    return cls(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, **extra).eval()
+    return registry.build_network(name, spatial_dims=2, in_channels=in_channels, out_channels=out_channels).eval()
 
 
 def count_params_m(model: nn.Module) -> float:
@@ -299,10 +286,7 @@ def engine_of(mode: str, how: str) -> str:
 
 def network_def(name: str, args: argparse.Namespace) -> dict:
     """The bundle-config ``network_def`` of a benchmarked network (how the INT8 quantizer builds it)."""
-    module_path, class_name, extra = NETWORKS[name]
-    extra = {k: list(v) if isinstance(v, tuple) else v for k, v in extra.items()}
-    return {"_target_": f"{module_path}.{class_name}", "spatial_dims": 2, "in_channels": args.in_channels,
-            "out_channels": args.out_channels, **extra}  # fmt: skip
+    return registry.network_def(name, spatial_dims=2, in_channels=args.in_channels, out_channels=args.out_channels)
 
 
 def precision_runner(name: str, model: nn.Module, mode: str, size: int, args: argparse.Namespace, workdir: Path) -> Callable:
@@ -345,7 +329,7 @@ def _benchmark(args: argparse.Namespace, workdir: Path) -> dict:
             "sizes": args.sizes,
             "modes": args.modes,
             "devices": devices,
-            "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CONFIG.items()},
+            "unet_config": {k: v for k, v in NETWORKS["UNet"].items() if k != "_target_"},
             "cuda_precision": "torch.autocast float16 (AMP)",
             "data_dir": str(args.data_dir),
             "calibration_inputs": args.calibration_inputs,

@@ -175,7 +175,7 @@ def test_markdown_table_shortens_run_ids():
     [
         ("UNet", {"_target_": "monai.networks.nets.UNet", "spatial_dims": 2, "channels": [32, 64, 128, 256, 512],
                   "strides": [2, 2, 2, 2], "num_res_units": 2, "in_channels": 1, "out_channels": "@num_classes"}),
-        ("ResNetUNet", {"_target_": "custom_nets.networks.nets.resnet_unet.ResNetUNet", "depth": 34, "spatial_dims": 2,
+        ("ResNetUNet34", {"_target_": "custom_nets.networks.nets.resnet_unet.ResNetUNet", "depth": 34, "spatial_dims": 2,
                         "in_channels": 1, "out_channels": "@num_classes", "pretrained_path": None}),
     ],
 )  # fmt: skip

@@ -19,26 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from custom_nets.errors import InputError
+from custom_nets.networks.registry import COMPARED_NETWORKS, NETWORKS
 from custom_nets.tracking.compare import CompareError, compare, markdown_table, parse_run_ids
 from custom_nets.tracking.params import TrackingUnreachableError, open_tracking_store
 
 __all__ = ["NETWORKS", "ArchitecturesError", "architectures", "architectures_command", "network_def_for"]
 
-# network name -> ``network_def`` without the data-dependent args, which are taken from the bundle's
-# own ``network_def`` (see SHARED_ARGS). UNet is MONAI's residual U-Net at the usual 5-level size.
-NETWORKS: dict[str, dict[str, Any]] = {
-    "AdaptiveCENet": {"_target_": "custom_nets.networks.nets.adaptive_cenet.AdaptiveCENet"},
-    "CENet": {"_target_": "custom_nets.networks.nets.cenet.CENet"},
-    "UNet": {
-        "_target_": "monai.networks.nets.UNet",
-        "spatial_dims": 2,
-        "channels": [32, 64, 128, 256, 512],
-        "strides": [2, 2, 2, 2],
-        "num_res_units": 2,
-    },
-    "ResNetUNet": {"_target_": "custom_nets.networks.nets.resnet_unet.ResNetUNet", "depth": 34},
-    "ShallowSegNet": {"_target_": "custom_nets.networks.nets.shallow_segnet.ShallowSegNet"},
-}
 # copied from the bundle's network_def when the network accepts them: the data decides them
 SHARED_ARGS = ("spatial_dims", "in_channels", "out_channels", "pretrained_path")
 
@@ -62,8 +48,8 @@ def network_def_for(name: str, bundle_network_def: Mapping[str, Any]) -> dict[st
 
     Example::
 
-        network_def_for("UNet", {"_target_": "custom_nets.AdaptiveCENet", "in_channels": 1, "out_channels": 2})
-        # {'_target_': 'monai.networks.nets.UNet', 'spatial_dims': 2, ..., 'in_channels': 1, 'out_channels': 2}
+        network_def_for("UNet", {"_target_": "custom_nets.AdaptiveCENet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2})
+        # {'_target_': 'monai.networks.nets.UNet', 'channels': [...], ..., 'spatial_dims': 2, 'in_channels': 1, 'out_channels': 2}
     """
     if name not in NETWORKS:
         raise ArchitecturesError(f"unknown network '{name}'; choose from {', '.join(NETWORKS)}")
@@ -98,7 +84,7 @@ def _run_ids(client: Any, experiment: str) -> set[str]:
 def architectures(
     bundle: str | os.PathLike,
     dataset_dir: str | os.PathLike,
-    networks: Any = ",".join(NETWORKS),
+    networks: Any = ",".join(COMPARED_NETWORKS),
     epochs: int = 10,
     seed: int = 0,
     tracking_uri: str | None = None,
