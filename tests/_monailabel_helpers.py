@@ -53,6 +53,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_env(python: Path, pythonpath: Path | None = None) -> dict[str, str]:
+    """The environment of a server from ``python``'s env: its ``bin`` first on ``PATH``, and ``pythonpath``
+    as the only ``PYTHONPATH`` (none when ``None``: the caller's own ``PYTHONPATH`` is never passed on)."""
+    env = dict(os.environ, PATH=f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("PYTHONPATH", None)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    return env
+
+
 @contextlib.contextmanager
 def running_server(
     python: Path, app: Path, studies: Path, models: list[str], log_path: Path, pythonpath: Path | None = None
@@ -67,10 +77,7 @@ def running_server(
         "--conf", "models", ",".join(models), "--conf", "sam2", "false", "--conf", "zoo_source", "github",
         "--conf", "preload", "false", "--host", "127.0.0.1", "--port", str(port := _free_port()),
     ]  # fmt: skip
-    env = dict(os.environ, PATH=f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.pop("PYTHONPATH", None)
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
+    env = server_env(python, pythonpath)
     with open(log_path, "w") as log:  # from the log's folder: not the repository root, where ./custom_nets is importable
         process = subprocess.Popen(command, cwd=log_path.parent, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

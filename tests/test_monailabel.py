@@ -17,7 +17,7 @@ import requests
 from PIL import Image
 
 from _export_helpers import HANDOFF_CASES, exported_bundle, handoff_params, run_cli
-from _monailabel_helpers import copy_sample_app, infer, monailabel_python, running_server, submit_label
+from _monailabel_helpers import copy_sample_app, infer, monailabel_python, running_server, server_env, submit_label
 from custom_nets.deploy import export_handoff
 
 pytestmark = [pytest.mark.monailabel, pytest.mark.slow]
@@ -30,8 +30,8 @@ def server(tmp_path_factory, shared_data):
     """One server with every present hand-off bundle, plus a copy without model.ts; stopped at the end."""
     python = monailabel_python()
     root = tmp_path_factory.mktemp("monailabel")
-    # from the folder the server runs in (not the repository root, where ./custom_nets is importable)
-    probe = run_cli([str(python), "-c", "import custom_nets"], cwd=root)
+    # as the server runs: from its folder (not the repository root, where ./custom_nets is importable), no PYTHONPATH
+    probe = run_cli([str(python), "-c", "import custom_nets"], cwd=root, env=server_env(python))
     assert probe.returncode != 0, "custom_nets must not be importable in MONAI Label's env"
     app = copy_sample_app(python, root / "app")
     studies = root / "studies"

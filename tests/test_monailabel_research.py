@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from _export_helpers import REPO_ROOT, exported_bundle, lung_ct_slabs, run_cli
-from _monailabel_helpers import copy_sample_app, infer, monailabel_python, running_server, submit_label, train
+from _monailabel_helpers import copy_sample_app, infer, monailabel_python, running_server, server_env, submit_label, train
 
 pytestmark = [pytest.mark.monailabel, pytest.mark.slow]
 
@@ -123,7 +123,7 @@ def test_research_server_imports_custom_nets_from_the_checkout(tmp_path):
     """The research server's ``PYTHONPATH`` is the checkout: its current ``custom_nets``, never a stale copy."""
     python = monailabel_python()
     probe = run_cli([str(python), "-c", "import custom_nets, pydicom; print(custom_nets.__file__, pydicom.__version__)"],
-                    cwd=tmp_path, env={"PYTHONPATH": str(REPO_ROOT), "PATH": str(python.parent)})  # fmt: skip
+                    cwd=tmp_path, env=server_env(python, REPO_ROOT))  # fmt: skip
     assert probe.returncode == 0, probe.stderr[-2000:]
     module_file, pydicom_version = probe.stdout.split()
     assert Path(module_file).resolve().is_relative_to(REPO_ROOT)
