@@ -77,18 +77,39 @@ def _synthetic_ct(folder: Path) -> Path:
 
 def _real_lung_ct(shared_data: Path, folder: Path) -> Path:
     """4 axial slices through the nodule of the real pyradiomics lung CT, as NIfTI (full 512 x 512 slices)."""
+    return lung_ct_slabs(shared_data, folder, starts=None)[0][0]
+
+
+def lung_ct_slabs(
+    shared_data: Path, folder: Path, starts: list[int] | None, labels_folder: Path | None = None
+) -> list[tuple[Path, Path | None]]:
+    """
+    Slabs of 4 axial slices of the real pyradiomics lung CT as NIfTI (int16, the CT's affine moved to the
+    first kept slice), starting at ``starts`` (``None``: one slab centred on the nodule); with
+    ``labels_folder``, each slab's nodule mask (uint8 0/1, same name and geometry) is written there too.
+    """
     import nibabel as nib
     from monai.transforms import LoadImage
 
     image = LoadImage(image_only=True)(str(shared_data / "lung_ct" / "lung1_image.nrrd"))
-    label = LoadImage(image_only=True)(str(shared_data / "lung_ct" / "lung1_label.nrrd"))
-    k = int(np.argmax(np.asarray(label).reshape(-1, label.shape[-1]).sum(0)))  # slice with most nodule voxels
-    k0 = min(max(k - 2, 0), image.shape[-1] - 4)
-    affine = np.asarray(image.affine, dtype=np.float64).copy()
-    affine[:3, 3] += affine[:3, 2] * k0  # origin of the first kept slice
-    path = folder / "lung1_nodule_slices.nii.gz"
-    nib.save(nib.Nifti1Image(np.asarray(image)[..., k0 : k0 + 4].astype(np.int16), affine), str(path))
-    return path
+    label = np.asarray(LoadImage(image_only=True)(str(shared_data / "lung_ct" / "lung1_label.nrrd")))
+    if starts is None:
+        k = int(np.argmax(label.reshape(-1, label.shape[-1]).sum(0)))  # slice with most nodule voxels
+        starts, names = [min(max(k - 2, 0), image.shape[-1] - 4)], ["lung1_nodule_slices"]
+    else:
+        names = [f"lung1_slab{k0:02d}" for k0 in starts]
+    slabs = []
+    for k0, name in zip(starts, names):
+        affine = np.asarray(image.affine, dtype=np.float64).copy()
+        affine[:3, 3] += affine[:3, 2] * k0  # origin of the first kept slice
+        path = folder / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(np.asarray(image)[..., k0 : k0 + 4].astype(np.int16), affine), str(path))
+        label_path = None
+        if labels_folder is not None:
+            label_path = labels_folder / path.name
+            nib.save(nib.Nifti1Image((label[..., k0 : k0 + 4] > 0).astype(np.uint8), affine), str(label_path))
+        slabs.append((path, label_path))
+    return slabs
 
 
 def _synthetic_brats_case(folder: Path) -> Path:

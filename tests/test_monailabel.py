@@ -9,56 +9,31 @@ reused from ``~/.cache``). ``CUSTOM_NETS_SKIP_MONAILABEL=1`` skips these tests (
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 from PIL import Image
 
-from _export_helpers import HANDOFF_CASES, REPO_ROOT, exported_bundle, handoff_params, run_cli
+from _export_helpers import HANDOFF_CASES, exported_bundle, handoff_params, run_cli
+from _monailabel_helpers import copy_sample_app, infer, monailabel_python, running_server, server_env, submit_label
 from custom_nets.deploy import export_handoff
 
 pytestmark = [pytest.mark.monailabel, pytest.mark.slow]
 
-SERVER_START_TIMEOUT_S = 240
 BROKEN = "broken_bundle_without_model_ts"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def monailabel_python() -> Path:
-    if os.environ.get("CUSTOM_NETS_SKIP_MONAILABEL", "") not in ("", "0"):
-        pytest.skip("CUSTOM_NETS_SKIP_MONAILABEL is set: not building MONAI Label's env")
-    result = run_cli(["bash", str(REPO_ROOT / "scripts" / "setup_monailabel_env.sh")], cwd=REPO_ROOT, timeout=1800)
-    assert result.returncode == 0, f"setup_monailabel_env.sh failed:\n{result.stderr[-3000:]}"
-    python = Path(result.stdout.strip().splitlines()[-1])
-    assert python.is_file(), f"setup_monailabel_env.sh did not print a python: {result.stdout[-500:]}"
-    return python
-
-
-@pytest.fixture(scope="module")
-def server(monailabel_python, tmp_path_factory, shared_data):
+def server(tmp_path_factory, shared_data):
     """One server with every present hand-off bundle, plus a copy without model.ts; stopped at the end."""
+    python = monailabel_python()
     root = tmp_path_factory.mktemp("monailabel")
-    # from the folder the server runs in (not the repository root, where ./custom_nets is importable)
-    probe = run_cli([str(monailabel_python), "-c", "import custom_nets"], cwd=root)
+    # as the server runs: from its folder (not the repository root, where ./custom_nets is importable), no PYTHONPATH
+    probe = run_cli([str(python), "-c", "import custom_nets"], cwd=root, env=server_env(python))
     assert probe.returncode != 0, "custom_nets must not be importable in MONAI Label's env"
-    sample_apps = sorted(monailabel_python.parents[1].glob("**/sample-apps/monaibundle"))
-    assert sample_apps, f"no monaibundle sample app under {monailabel_python.parents[1]}"
-    app = Path(shutil.copytree(sample_apps[0], root / "app"))
+    app = copy_sample_app(python, root / "app")
     studies = root / "studies"
     studies.mkdir()
 
@@ -73,42 +48,9 @@ def server(monailabel_python, tmp_path_factory, shared_data):
     broken = shutil.copytree(app / "model" / cases[0].name, app / "model" / BROKEN)
     (broken / "models" / "model.ts").unlink()
 
-    port = _free_port()
     log_path = root / "server.log"
-    command = [
-        str(monailabel_python.parent / "monailabel"), "start_server", "--app", str(app), "--studies", str(studies),
-        "--conf", "models", ",".join([c.name for c in cases] + [BROKEN]), "--conf", "sam2", "false",
-        "--conf", "zoo_source", "github", "--conf", "preload", "false", "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    env = dict(os.environ, PATH=f"{monailabel_python.parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.pop("PYTHONPATH", None)
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"monailabel start_server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/info/", timeout=5).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after {SERVER_START_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(2)
+    with running_server(python, app, studies, [c.name for c in cases] + [BROKEN], log_path) as url:
         yield {"url": url, "log": log_path, "images": images, "studies": studies}
-    finally:  # the server's whole process group (it was started in a session of its own)
-        for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(process.pid, sig)
-                process.wait(timeout=wait_s)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
 
 
 @pytest.mark.parametrize("case", handoff_params())
@@ -123,12 +65,7 @@ def test_info_lists_model_with_labels_and_dimension(case, server):
 @pytest.mark.parametrize("case", handoff_params())
 def test_infer_returns_mask_with_input_geometry(case, server, tmp_path):
     image = server["images"][case.name]
-    response = requests.post(
-        f"{server['url']}/infer/{case.name}",
-        params={"image": image.name.split(".")[0], "output": "image"},
-        files={"params": (None, json.dumps({"device": "cpu"}))},
-        timeout=300,
-    )
+    response = infer(server["url"], case.name, image.name.split(".")[0])
     assert response.status_code == 200, response.text[:500]
     mask_path = tmp_path / f"mask{case.mask_suffix}"
     mask_path.write_bytes(response.content)
@@ -158,13 +95,7 @@ def test_submitted_label_lands_in_datastore(case, server, tmp_path):
 
         volume = nib.load(str(image))
         nib.save(nib.Nifti1Image(np.zeros(volume.shape[:3], np.uint8), volume.affine), str(label))
-    with open(label, "rb") as f:
-        response = requests.put(
-            f"{server['url']}/datastore/label",
-            params={"image": image_id, "tag": "final"},
-            files={"label": (label.name, f), "params": (None, json.dumps({"label_info": [{"name": n, "idx": i} for n, i in case.labels.items()]}))},
-            timeout=60,
-        )  # fmt: skip
+    response = submit_label(server["url"], image_id, label, case.labels)
     assert response.status_code == 200, response.text[:500]
     datastore = requests.get(f"{server['url']}/datastore/", params={"output": "all"}, timeout=30).json()
     assert "final" in datastore["objects"][image_id]["labels"]

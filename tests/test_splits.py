@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from custom_nets.data.splits import load_or_create_datalist, split_subjects
+from custom_nets.data.splits import load_or_create_datalist, require_training_cases, split_subjects
 from custom_nets.errors import InputError
 
 
@@ -115,3 +115,19 @@ def test_datalist_of_an_older_format_is_refused_naming_the_file(tmp_path):
     datalist.write_text(json.dumps(content))
     with pytest.raises(InputError, match=rf"{datalist}: written by another version of custom_nets \(datalist format None, this one reads 2\); delete it"):
         load_or_create_datalist(datalist, tmp_path / "data", list, lambda d: d["case"])
+
+
+@pytest.mark.parametrize(
+    "training, validation, message",
+    [([], [], "no training cases"), ([{"image": "a"}] * 2, [], "no validation cases")],
+    ids=["no-labels", "no-validation"],
+)
+def test_require_training_cases_refuses_empty_lists_in_one_line(training, validation, message):
+    with pytest.raises(InputError, match=message) as error:
+        require_training_cases(training, validation)
+    assert "\n" not in str(error.value)
+
+
+def test_require_training_cases_accepts_cases_and_a_bundle_without_validation_list():
+    assert require_training_cases([{"image": "a"}], [{"image": "b"}])
+    assert require_training_cases([{"image": "a"}], None)

@@ -18,7 +18,7 @@ from typing import Any
 from custom_nets.data.atomic_write import write_json_atomic
 from custom_nets.errors import InputError
 
-__all__ = ["DATALIST_FORMAT", "SPLIT_KEYS", "split_subjects", "load_or_create_datalist"]
+__all__ = ["DATALIST_FORMAT", "SPLIT_KEYS", "split_subjects", "load_or_create_datalist", "require_training_cases"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,3 +161,28 @@ def load_or_create_datalist(
                     problem = f"lists {path}, which does not exist under {dataset_dir}"
                     raise InputError(f"{datalist_file}: {problem}; wrong --dataset_dir, or delete the datalist to rebuild")
     return splits
+
+
+def require_training_cases(training: Sequence[Any], validation: Sequence[Any] | None) -> bool:
+    """
+    A training config's check of its two case lists before the trainer starts: raise :class:`InputError`
+    (one line, which the bundle's excepthook prints instead of a traceback) when there is nothing to train
+    on, or nothing to validate on (``model.pt`` is written after a validation). The lists come from the
+    bundle's own datalist, or from MONAI Label, which overrides ``train#dataset#data`` and
+    ``validate#dataset#data`` with the images that have a final label.
+
+    Example (first item of a ``train.json``'s ``run`` list)::
+
+        "$custom_nets.data.splits.require_training_cases(@train#dataset#data, @validate#dataset#data)"
+    """
+    if not training:
+        raise InputError(
+            "no training cases (train#dataset#data is empty): give a dataset with labelled cases; "
+            "in MONAI Label, submit a final label for some images first"
+        )
+    if validation is not None and not len(validation):
+        raise InputError(
+            f"no validation cases (validate#dataset#data is empty, {len(training)} training case(s)): model.pt is "
+            "written after a validation; in MONAI Label, label at least 3 images or raise val_split"
+        )
+    return True
