@@ -12,7 +12,9 @@ Checked after each kill:
 
 Checked at the end:
 - the trainer completed ``max_epochs`` epochs;
-- one MLflow run, FINISHED, with exactly one ``val_mean_dice`` point per epoch;
+- one MLflow run, FINISHED (a kill before the first checkpoint leaves no second run), with exactly
+  one ``val_mean_dice`` point per epoch and one ``train_loss`` and ``lr_group_0`` point per iteration
+  (iterations trained again after a kill are not logged twice);
 - no temporary file is left beside the checkpoints.
 
 Synthetic HC18 images at 64x64 (nothing to download), 20 kills (each restart pays the CLI start-up,
@@ -34,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -157,10 +160,16 @@ def final_checks(root: Path, epochs: int) -> list[str]:
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     if [r.info.status for r in runs] != ["FINISHED"]:
         problems.append(f"MLflow runs: {[(r.info.run_name, r.info.status) for r in runs]} (expected one, FINISHED)")
+    iterations = checkpoint["trainer"]["iteration"] if checkpoint else 0
     for run in runs:
-        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_mean_dice"))
-        if steps != list(range(1, epochs + 1)):
-            problems.append(f"val_mean_dice steps of run {run.info.run_name}: {steps} (expected 1..{epochs})")
+        for key, last in (("val_mean_dice", epochs), ("train_loss", iterations), ("lr_group_0", iterations)):
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+            if steps != list(range(1, last + 1)):
+                doubled = sorted(step for step, count in Counter(steps).items() if count > 1)
+                problems.append(
+                    f"{key} of run {run.info.run_name}: {len(steps)} points, steps {steps[:1]}..{steps[-1:]}, "
+                    f"doubled {doubled[:10]} (expected each of 1..{last} once)"
+                )
     return problems
 
 

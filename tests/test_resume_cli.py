@@ -94,6 +94,42 @@ def test_a_run_killed_mid_epoch_resumes_and_finishes_in_the_same_mlflow_run(data
     assert sorted(epochs) == list(range(1, EPOCHS + 1))
 
 
+def _runs(root: Path) -> tuple[mlflow.MlflowClient, list]:
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'eval' / 'mlruns.db'}")
+    return client, client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_kills_before_the_first_checkpoint_and_mid_epoch_leave_one_run_with_each_step_once(dataset, tmp_path):
+    """
+    SIGKILL in epoch 1 (MLflow run open, no checkpoint yet), resume, SIGKILL in epoch 2 (iterations logged
+    after the epoch-1 checkpoint are trained again), resume to the end: one FINISHED run, and every
+    ``train_loss``/``lr_group_0`` step and every epoch's ``val_mean_dice`` in it once.
+    """
+    root = tmp_path / "bundle"
+    command = _train_command(dataset, root, "--tracking", "mlflow", "--resume", "true")
+    _kill_when(command, f"Epoch: 1/{EPOCHS}, Iter: 3/", tmp_path / "killed_1.log")
+    assert not (root / "models" / "last_checkpoint.pt").exists()
+    _, runs = _runs(root)
+    assert [r.info.status for r in runs] == ["RUNNING"]  # the killed process's run, nothing behind it
+    _kill_when(command, f"Epoch: 2/{EPOCHS}, Iter: 3/", tmp_path / "killed_2.log")
+    opened = runs[0].info.run_name
+    _train(dataset, root, "--tracking", "mlflow", "--resume", "true")
+
+    final = _checkpoint(root)
+    iterations = final["trainer"]["iteration"]
+    assert iterations == EPOCHS * final["trainer"]["epoch_length"]
+    client, runs = _runs(root)
+    assert [(r.info.run_name, r.info.status) for r in runs] == [(final["run_name"], "FINISHED")]
+    run_id = runs[0].info.run_id
+    for key in ("train_loss", "lr_group_0"):
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert sorted(steps) == list(range(1, iterations + 1)), key
+    epochs = [m.step for m in client.get_metric_history(run_id, "val_mean_dice")]
+    assert sorted(epochs) == list(range(1, EPOCHS + 1))
+    assert final["run_name"] == opened  # the run of the first, killed process went on
+    assert f"continuing MLflow run {opened}, opened by the killed process" in (tmp_path / "killed_2.log").read_text()
+
+
 def test_resume_with_another_schedule_is_refused_in_one_line(dataset, tmp_path):
     root = tmp_path / "bundle"
     _train(dataset, root, "--train#trainer#max_epochs", "1")

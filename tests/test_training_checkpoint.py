@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import Any
 
 import pytest
 import torch
@@ -23,6 +24,8 @@ from monai.utils import set_determinism
 from custom_nets.errors import InputError
 from custom_nets.handlers.atomic_checkpoint_saver import AtomicCheckpointSaver
 from custom_nets.handlers.training_checkpoint import TrainingCheckpoint, saved_run_name
+from custom_nets.tracking.params import find_attached
+from custom_nets.tracking.resumed_run import ENDED_TAG, BufferedIterationLog
 
 MAX_EPOCHS = 4
 BATCHES = 3  # iterations per epoch
@@ -84,8 +87,9 @@ def _run(
     )  # fmt: skip
     # the bundles' order: lr step, checkpoint, then validation of the weights just kept
     handlers = [LrScheduleHandler(scheduler), checkpoint, ValidationHandler(1, evaluator), StatsHandler(iteration_log=False)]
-    if mlflow:
-        handlers.append(MLFlowHandler(iteration_log=False, close_on_complete=True, **tracking))
+    if mlflow:  # per-iteration train_loss and lr, as MONAI's bundle tracking settings
+        loss = from_engine(["loss"], first=True)
+        handlers.append(MLFlowHandler(tag_name="train_loss", output_transform=loss, close_on_complete=True, **tracking))
     trainer = SupervisedTrainer(
         device=torch.device("cpu"), max_epochs=max_epochs, train_data_loader=loader, network=net, optimizer=optimizer,
         loss_function=DiceCELoss(to_onehot_y=True, softmax=True), train_handlers=handlers,
@@ -217,6 +221,79 @@ def test_a_stop_in_validation_gives_one_validation_point_per_epoch_of_the_kept_w
     assert all(torch.equal(weights[k], v) for k, v in net.state_dict().items())
     assert evaluator.state.best_metric == best  # epoch 2's validation counted in the best-model tracking
     assert torch.load(tmp_path / "models" / "last_checkpoint.pt", weights_only=True)["validated_epoch"] == MAX_EPOCHS
+
+
+def _killed(engine):
+    """Stop as a SIGKILL would: nothing more saved or logged on the way out."""
+    for handler in find_attached(engine, TrainingCheckpoint):
+        handler.save = lambda *args, **kwargs: None
+        handler._iteration_logs = []  # the points held back die with the process
+    raise Stop("killed")
+
+
+def _mlflow_runs(tmp_path) -> tuple[Any, list]:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    return client, client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+
+
+def _steps(client, run, key: str) -> list[int]:
+    return sorted(point.step for point in client.get_metric_history(run.info.run_id, key))
+
+
+def test_iteration_points_are_logged_once_after_a_stop_between_the_checkpoint_and_their_log(tmp_path, monkeypatch):
+    """Killed half-way through logging epoch 2's points, just written to the checkpoint: the resume logs the rest once."""
+    flush = BufferedIterationLog.flush
+
+    def half_then_killed(log, skip_logged=False):
+        if not skip_logged and log.points and log.points[0][3] == BATCHES + 1:  # epoch 2's points
+            log.points = log.points[: len(log.points) // 2]
+            flush(log)
+            raise Stop("killed while logging")
+        flush(log, skip_logged)
+
+    monkeypatch.setattr(BufferedIterationLog, "flush", half_then_killed)
+    with pytest.raises(Stop):
+        _run(tmp_path, mlflow=True)
+    monkeypatch.undo()
+    assert len(torch.load(tmp_path / "models" / "last_checkpoint.pt", weights_only=True)["mlflow_unlogged"][0]) == 2 * BATCHES
+    trainer, *_ = _run(tmp_path, resume=True, mlflow=True)
+    assert trainer.state.iterations_run == 2 * BATCHES
+    client, runs = _mlflow_runs(tmp_path)
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    for key in ("train_loss", "lr_group_0"):
+        assert _steps(client, runs[0], key) == list(range(1, MAX_EPOCHS * BATCHES + 1)), key
+
+
+def test_a_resume_without_a_checkpoint_continues_the_run_the_killed_process_opened(tmp_path):
+    first, second = "net-loss-lr0.1-20260101-000000", "net-loss-lr0.1-20260101-000100"
+    with pytest.raises(Stop):
+        _run(tmp_path, mlflow=True, run_name=first, stop=(Events.ITERATION_COMPLETED(once=2), _killed))
+    assert not (tmp_path / "models" / "last_checkpoint.pt").exists()
+    _run(tmp_path, resume=True, mlflow=True, run_name=second)
+    assert saved_run_name(tmp_path / "models" / "last_checkpoint.pt") == first
+    client, runs = _mlflow_runs(tmp_path)
+    assert [(r.info.run_name, r.info.status) for r in runs] == [(first, "FINISHED")]
+    assert _steps(client, runs[0], "train_loss") == list(range(1, MAX_EPOCHS * BATCHES + 1))
+    assert _steps(client, runs[0], "val_mean_dice") == list(range(1, MAX_EPOCHS + 1))
+
+
+@pytest.mark.parametrize("resume, change", [(False, {}), (True, {"max_epochs": MAX_EPOCHS - 1})], ids=["fresh-start", "other-schedule"])
+def test_a_run_nothing_can_continue_is_ended_as_killed_in_one_line(tmp_path, caplog, resume, change):
+    first, second = "net-loss-lr0.1-20260101-000000", "net-loss-lr0.1-20260101-000100"
+    with pytest.raises(Stop):
+        _run(tmp_path, mlflow=True, run_name=first, stop=(Events.ITERATION_COMPLETED(once=2), _killed))
+    with caplog.at_level("WARNING"):
+        _run(tmp_path, resume=resume, mlflow=True, run_name=second, **change)
+    client, runs = _mlflow_runs(tmp_path)
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == [(first, "KILLED"), (second, "FINISHED")]
+    killed = next(r for r in runs if r.info.status == "KILLED")
+    assert killed.data.tags[ENDED_TAG] == f"killed before it could continue; training goes on in run {second}"
+    assert [r.message for r in caplog.records if "as KILLED" in r.message] == [
+        f"MLflow: ended run(s) {first} of {tmp_path / 'models' / 'last_checkpoint.pt'} as KILLED (nothing can continue them); "
+        f"this training logs into {second}"
+    ]
 
 
 def test_a_checkpoint_of_the_earlier_handler_order_counts_as_validated(tmp_path):

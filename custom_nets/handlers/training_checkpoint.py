@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from custom_nets.data.atomic_write import atomic_path, remove_leftovers
 from custom_nets.errors import InputError, describe_error
 from custom_nets.networks.utils import load_checkpoint
 from custom_nets.tracking.params import find_attached
+from custom_nets.tracking.resumed_run import BufferedIterationLog, open_training_run
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
@@ -33,6 +35,7 @@ __all__ = ["TrainingCheckpoint", "saved_run_name", "exit_if_finished"]
 _BEST = "best_model_tracking"
 _RUN_NAME = "run_name"
 _VALIDATED = "validated_epoch"  # the last epoch whose validation ran to its end
+_UNLOGGED = "mlflow_unlogged"  # per trainer MLFlowHandler: iteration points not in MLflow yet
 
 
 def _unwrap(obj: Any) -> Any:
@@ -87,7 +90,8 @@ class TrainingCheckpoint:
     - after every epoch (``EPOCH_COMPLETED``, once the learning-rate step is done and before validation)
       it writes ``checkpoint_file`` with the ``save_dict`` objects (model, optimizer, lr scheduler, ...), the
       trainer's state (epoch, iteration), the validator's best-metric tracking (so that a resumed run does
-      not overwrite a better ``model.pt``), the last validated epoch and the MLflow ``run_name``; when the
+      not overwrite a better ``model.pt``), the last validated epoch, the MLflow ``run_name`` and the
+      MLflow iteration points not logged yet; when the
       validator completes it writes the file again with that epoch marked validated. The file is replaced
       atomically: a kill during the write leaves the previous file whole.
     - when training stops on an exception mid-epoch (``EXCEPTION_RAISED``; Ctrl-C, and SIGTERM, the
@@ -104,6 +108,13 @@ class TrainingCheckpoint:
       validator's ``MLFlowHandler`` run already holds the key metric at that step (killed after the log, before
       the mark), the validation still runs, for the best-model tracking, but is not logged a second time:
       each epoch has one validation point, of the weights that were kept.
+    - with MONAI's ``MLFlowHandler`` on the trainer (``--tracking mlflow``), one run per checkpoint file
+      (:mod:`custom_nets.tracking.resumed_run`): at ``STARTED`` it opens the run (the checkpoint's; on a
+      resume without a checkpoint, the run the killed process opened; else a new one) and ends as KILLED
+      the runs of this file that nothing can continue. The handler's per-iteration points (``train_loss``,
+      ``lr_group_<i>``) are held back and logged just after each checkpoint write, and the points not yet
+      logged are saved in the checkpoint: each iteration is logged once, from the weights that were kept.
+      ``train_loss`` therefore reaches MLflow once per epoch, in one batch.
 
     After a resume, the random augmentations and the shuffling follow a new stream: a resumed run is not
     bit-identical to an uninterrupted one. With ``DistributedDataParallel`` only rank 0 writes; every rank
@@ -163,6 +174,9 @@ class TrainingCheckpoint:
         self._validated_epoch = 0
         self._saved_epoch = -1  # the epoch whose end state the checkpoint file holds
         self._pending = False  # the restored epoch still needs its validation
+        self._restored = False  # started from the checkpoint file
+        self._unlogged: list[Any] = []  # iteration points of the checkpoint not in MLflow yet
+        self._iteration_logs: list[BufferedIterationLog] = []
 
     def attach(self, engine: Engine) -> None:
         """
@@ -192,12 +206,38 @@ class TrainingCheckpoint:
         self._warn_if_validation_first(engine)
         if self.resume:
             self.restore(engine)
+        self._open_mlflow_run(engine)
+        if self.resume:
             self._pending = bool(validation) and self._validation_pending(engine, validation[0])
             if self._pending and not engine.has_event_handler(self._validate_pending, Events.STARTED):
                 # after the other STARTED handlers (the trainer's MLflow run is open then), as in a normal epoch;
                 # Ignite's loop over the handler list reaches one appended while it runs
                 engine.add_event_handler(Events.STARTED, self._validate_pending, validation[0])
         self._catch_sigterm()
+
+    def _open_mlflow_run(self, engine: Engine) -> None:
+        """Open the trainer's MLflow run (see :mod:`custom_nets.tracking.resumed_run`) and hold back its iteration log."""
+        trackers = find_attached(engine, "MLFlowHandler")
+        if not trackers:
+            return
+        first = trackers[0]
+        name = self.run_name or first.run_name or f"run_{time.strftime('%Y%m%d_%H%M%S')}"
+        adopt = self.resume and not self._restored
+        name = open_training_run(first, self.checkpoint_file, engine, name, adopt=adopt, logger=self.logger)
+        validator_trackers = find_attached(self.validator, "MLFlowHandler") if self.validator is not None else []
+        for tracker in (*trackers, *validator_trackers):  # MONAI's handlers join the open run of this name
+            tracker.run_name = name
+        self.run_name = name
+        first.start(engine)
+        self._iteration_logs = [BufferedIterationLog.of(tracker) for tracker in trackers if tracker.iteration_log]
+        for log, points in zip(self._iteration_logs, self._unlogged):
+            log.points = [list(p) for p in points]
+            log.flush(skip_logged=True)  # the process that wrote the checkpoint may have logged them already
+        self._unlogged = []
+
+    def _flush_iteration_logs(self) -> None:
+        for log in self._iteration_logs:
+            log.flush()
 
     def _iterations_done(self, engine: Engine) -> int:
         """Ignite counts an iteration when it starts: one cut short by an exception is not done (trained again)."""
@@ -282,7 +322,11 @@ class TrainingCheckpoint:
         self._handled_error = error
         epoch_length = engine.state.epoch_length
         if epoch_length and self._iterations_done(engine) % epoch_length != 0:
-            self.save(engine)
+            self.save(engine, log_iterations=False)
+            try:
+                self._flush_iteration_logs()
+            except Exception as e:  # noqa: BLE001 - the error that stopped training is the one to raise
+                self.logger.warning(f"MLflow: iteration points not logged ({describe_error(e)}); the checkpoint keeps them for the resume")
             self.logger.warning(
                 f"training stopped in epoch {engine.state.epoch} ({type(error).__name__}); state saved to "
                 f"{self.checkpoint_file}: rerun with --resume true to continue"
@@ -307,18 +351,21 @@ class TrainingCheckpoint:
                 "saver": best._key_metric_checkpoint.state_dict() if best is not None else None,
             }
         content[_VALIDATED] = int(self._validated_epoch)
+        content[_UNLOGGED] = [[list(p) for p in log.points] for log in self._iteration_logs]
         if self.run_name:
             content[_RUN_NAME] = str(self.run_name)
         return content
 
-    def save(self, engine: Engine) -> None:
-        """Write the checkpoint atomically (rank 0 only)."""
+    def save(self, engine: Engine, log_iterations: bool = True) -> None:
+        """Write the checkpoint atomically (rank 0 only), then log the iteration points it covers to MLflow."""
         if idist.get_rank() > 0:
             return
         content = self.checkpoint(engine)
         with atomic_path(self.checkpoint_file) as tmp:
             torch.save(content, tmp)
         self.logger.debug(f"epoch {engine.state.epoch}: training state saved to {self.checkpoint_file}")
+        if log_iterations:
+            self._flush_iteration_logs()
 
     def restore(self, engine: Engine) -> None:
         """Load the checkpoint into the ``save_dict`` objects, the trainer and the best-model tracking."""
@@ -346,6 +393,8 @@ class TrainingCheckpoint:
             raise InputError(f"{path}: does not fit this run's {key} ({describe_error(e)})") from None
         engine.load_state_dict(saved)
         self._restore_best(content.get(_BEST))
+        self._unlogged = list(content.get(_UNLOGGED, []))
+        self._restored = True
         # files of the earlier handler order were saved after validation: their epoch counts as validated
         self._validated_epoch = int(content.get(_VALIDATED, engine.state.epoch))
         if engine.state.iteration % engine.state.epoch_length == 0:

@@ -5,7 +5,9 @@ card; plus informative run names and a fail-fast check of the tracking URI.
 
 MONAI already logs, once ``--tracking mlflow`` is given: the per-iteration loss (``train_loss``) and
 learning rate (``lr_group_<i>``), the per-epoch validation metrics (e.g. ``val_mean_dice``),
-``max_epochs``/``epoch_length`` and the executed config as an artifact. Nothing here logs those again.
+``max_epochs``/``epoch_length`` and the executed config as an artifact. Nothing here logs those again
+(with a ``TrainingCheckpoint``, the per-iteration points reach MLflow after each checkpoint write, once per
+epoch: see :mod:`custom_nets.tracking.resumed_run`).
 """
 
 from __future__ import annotations
