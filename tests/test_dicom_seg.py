@@ -247,7 +247,7 @@ def test_cli_writes_a_seg_per_dicom_series_equal_to_its_nifti_mask(bundle, real_
     assert {name: row["status"] for name, row in rows.items()} == dict.fromkeys(["series_real", "series_synthetic", "volume.nii.gz"], "ok")
     assert rows["series_real"]["dicom_seg"] == "series_real_seg.dcm"
     assert rows["series_synthetic"]["dicom_seg"] == "series_synthetic_seg.dcm"
-    assert rows["volume.nii.gz"]["dicom_seg"] == "skipped: nifti input is not a DICOM series"
+    assert rows["volume.nii.gz"]["dicom_seg"] == "skipped: nifti input is not DICOM"
     assert sorted(p.name for p in outputs.iterdir() if p.suffix == ".dcm") == ["series_real_seg.dcm", "series_synthetic_seg.dcm"]
     assert (outputs / "volume_seg.nii.gz").is_file()
     for name, identifiers in (("series_real", REAL_IDENTIFIERS), ("series_synthetic", SYNTHETIC_IDENTIFIERS)):
@@ -257,7 +257,7 @@ def test_cli_writes_a_seg_per_dicom_series_equal_to_its_nifti_mask(bundle, real_
     assert len(tracking) == 2  # a Tracking UID names one finding: new for every SEG
     printed = result.stdout + result.stderr
     assert not any(value in printed for value in (*REAL_IDENTIFIERS, *SYNTHETIC_IDENTIFIERS, "Synthetic", "SYNTH"))
-    assert sum("volume: no DICOM SEG: nifti input is not a DICOM series" in line for line in printed.splitlines()) == 1
+    assert sum("volume: no DICOM SEG: nifti input is not DICOM" in line for line in printed.splitlines()) == 1
 
 
 @pytest.mark.slow

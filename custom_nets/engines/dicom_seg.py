@@ -1,7 +1,7 @@
 """
 DICOM Segmentation output of :class:`custom_nets.engines.folder_inference.FolderInference` for volumes
-read from a DICOM series: ``<case>_seg.dcm``, a DICOM SEG object written with highdicom that a PACS can
-take back, beside the NIfTI mask (which stays the default output).
+read from a DICOM series and 2D images read from a single-frame DICOM: ``<case>_seg.dcm``, a DICOM SEG
+object written with highdicom that a PACS can take back, beside the mask (which stays the default output).
 
 highdicom is an optional dependency (``pip install 'custom_nets[dicom]'``), imported only when a SEG is
 written. A bundle turns the writer on with ``--dicom_seg true``; :func:`dicom_seg_outputs` is the config
@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from custom_nets.data.atomic_write import atomic_path
+from custom_nets.data.image2d import DICOM_SUFFIXES
 from custom_nets.data.volume_io import dicom_series_files
+from custom_nets.engines.case_writers import split_suffix
 from custom_nets.errors import InputError
 from custom_nets.flags import as_flag
 
@@ -128,6 +130,14 @@ def frames_on_source_slices(mask: np.ndarray, affine: np.ndarray, headers: Seque
     return np.stack(frames)
 
 
+def _with_type2_attributes(ds: Any) -> Any:
+    """``ds`` with the type 2 attributes that highdicom copies, empty where the source lacks them (in memory only)."""
+    for keyword in _TYPE2_COPIED:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds
+
+
 def _code(spec: Any, where: str):
     """A highdicom ``Code`` from ``{"value", "scheme", "meaning"}`` in the bundle's metadata."""
     from pydicom.sr.coding import Code
@@ -140,31 +150,43 @@ def _code(spec: Any, where: str):
 class DicomSegWriter:
     """
     Write a case's label map as a DICOM Segmentation object (``<output_dir>/<case><postfix>.dcm``, BINARY,
-    one segment per label of the bundle's metadata) that references the DICOM series it was predicted
-    from: its Study Instance UID, Series Instance UID, the SOP Instance UIDs of the source slices (one
-    frame per source slice, found by image position) and its Frame of Reference UID. Segment labels, the
+    one segment per label of the bundle's metadata) that references the DICOM it was predicted from:
+
+    - a volume read from a DICOM series (CT, MRI): its Study Instance UID, Series Instance UID, the SOP
+      Instance UIDs of the source slices (one frame per source slice, found by image position) and its
+      Frame of Reference UID;
+    - a 2D image read from a single-frame DICOM (an ultrasound export, gray, RGB or YBR): its Study and
+      Series Instance UIDs and SOP Instance UID, one frame on the image pixel for pixel (and its Frame of
+      Reference when it has one); the results row also gets ``source_sop_instance_uid``, so that a results
+      table (e.g. ``head_circumference.csv``) is keyed by the image a PACS knows.
+
+    Segment labels, the
     coded segmented property category and type and the anatomic region come from ``metadata["dicom_seg"]``;
     the algorithm identification is the bundle's ``name`` and ``version``. highdicom copies the patient and
     study modules from the source, as the standard requires; nothing identifying goes into file names or
     logs (highdicom's warnings are logged with those values redacted). The file is written atomically.
 
-    Inputs that are not a DICOM series (NIfTI, NRRD...) and series without one Frame of Reference and one
-    study get no SEG: the results column says why in one line and a warning is logged; the NIfTI mask of
-    the case is written as usual.
+    Inputs that are not DICOM (NIfTI, NRRD, PNG...), series without one Frame of Reference and one study,
+    and DICOM images without their study, series or instance UIDs get no SEG: the results column says why
+    in one line and a warning is logged; the mask of the case is written as usual. A multi-frame
+    ultrasound DICOM (a cine) gets none either: highdicom writes a SEG of an image without a Frame of
+    Reference for one frame only.
 
     Args:
         output_dir: output folder (created when missing).
         metadata: the bundle's ``metadata.json`` (in a config: ``"@_meta_"``), with ``name``, ``version`` and
             ``dicom_seg#segments``: a list of ``{"label_value", "label", "category", "type", "anatomy"}``,
             the last three codes ``{"value", "scheme", "meaning"}`` (``anatomy`` optional).
-        pred_key: key of the label map ``(1, I, J, K)`` on the scan's voxel grid.
-        image_key: key of the loaded scan (``read_volume`` metadata: ``source_format``, ``source_path``,
-            ``original_affine``, ``case``).
+        pred_key: key of the label map on the input's grid: ``(1, I, J, K)`` for a volume, ``(1, columns, rows)``
+            for a 2D image (the 2D reader's ``(x, y)`` layout).
+        image_key: key of the loaded input (``read_volume`` metadata: ``source_format``, ``source_path``,
+            ``original_affine``, ``case``; a 2D image: ``filename_or_obj``).
         postfix: added to the case name.
         series_number: Series Number of the SEG series.
         manufacturer: written as the SEG's Manufacturer (the software that made it).
 
-    Returns from a call ``{"dicom_seg": <file name>}``, or ``{"dicom_seg": "skipped: <why>"}``.
+    Returns from a call ``{"dicom_seg": <file name>}`` (a 2D image: and ``"source_sop_instance_uid"``), or
+    ``{"dicom_seg": "skipped: <why>"}``.
 
     Example::
 
@@ -232,39 +254,72 @@ class DicomSegWriter:
         return {"dicom_seg": f"skipped: {reason}"}
 
     def __call__(self, case: Mapping[str, Any]) -> dict[str, str]:
-        import pydicom
-
         segments = self._descriptions()
         meta = getattr(case.get(self.image_key), "meta", None) or {}
+        labels = torch.as_tensor(case[self.pred_key]).detach().cpu().numpy()
+        if meta.get("source_format") == "dicom":
+            return self._series(meta, labels, segments)
+        filename = str(meta.get("filename_or_obj", ""))
+        if filename.lower().endswith(DICOM_SUFFIXES):
+            return self._single_image(filename, labels, segments)
+        name, suffix = split_suffix(filename)
+        kind = meta.get("source_format") or suffix.lstrip(".").upper() or "this"
+        return self._skip(str(meta.get("case") or name or "case"), f"{kind} input is not DICOM")
+
+    def _series(self, meta: Mapping[str, Any], labels: np.ndarray, segments: list[tuple[int, Any]]) -> dict[str, str]:
+        """A volume read from a DICOM series: one SEG frame per source slice."""
+        import pydicom
+
         name = str(meta.get("case", "case"))
-        source_format = meta.get("source_format")
-        if source_format != "dicom":
-            return self._skip(name, f"{source_format or 'this'} input is not a DICOM series")
         files = dicom_series_files(meta["source_path"])
-        headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-        for ds in headers:  # headers in memory only: the source files are never changed
-            for keyword in _TYPE2_COPIED:
-                if keyword not in ds:
-                    setattr(ds, keyword, "")
+        headers = [_with_type2_attributes(pydicom.dcmread(f, stop_before_pixels=True)) for f in files]
         for keyword, what in (("FrameOfReferenceUID", "Frame of Reference"), ("StudyInstanceUID", "study")):
             values = {str(ds.get(keyword, "") or "") for ds in headers}
             if "" in values:
                 return self._skip(name, f"the DICOM series has slices without a {keyword} ({what})")
             if len(values) > 1:
                 return self._skip(name, f"the DICOM series mixes {len(values)} {keyword}s ({what})")
-        labels = torch.as_tensor(case[self.pred_key]).detach().cpu().numpy()
         labels = labels[0] if labels.ndim == 4 else labels
         frames = frames_on_source_slices(labels, np.asarray(meta["original_affine"]), headers)
+        path = self._write(name, headers, frames, segments)
+        return {"dicom_seg": path.name}
+
+    def _single_image(self, filename: str, labels: np.ndarray, segments: list[tuple[int, Any]]) -> dict[str, str]:
+        """
+        A 2D image read from a single-frame DICOM (e.g. an ultrasound export): one SEG frame on the source
+        image, pixel for pixel; the results row also gets the source's SOP Instance UID, the key under
+        which a PACS finds the image the row's measurements (e.g. the head circumference) were made on.
+        """
+        import pydicom
+
+        name = split_suffix(filename)[0]
+        ds = _with_type2_attributes(pydicom.dcmread(filename, stop_before_pixels=True))
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+            if not str(ds.get(keyword, "") or ""):
+                return self._skip(name, f"the DICOM image has no {keyword}")
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            return self._skip(name, f"the DICOM image has {ds.NumberOfFrames} frames; one frame is expected")
+        if "FrameOfReferenceUID" not in ds and "PixelSpacing" in ds:
+            # highdicom 0.28 copies PixelSpacing of an image without a Frame of Reference into pixel measures
+            # without SliceThickness and then refuses to read its own SEG; this SEG lies on the source image
+            # pixel for pixel, so it needs no spacing of its own (the header in memory only, never the file)
+            del ds.PixelSpacing
+        picture = np.squeeze(labels)
+        if picture.ndim != 2 or picture.T.shape != (int(ds.Rows), int(ds.Columns)):
+            raise ValueError(f"{name}: mask of shape {list(labels.shape)} does not lie on the DICOM image's {ds.Rows} x {ds.Columns} pixels")
+        # the 2D reader lays a DICOM out as (x = column, y = row): the SEG frame is (rows, columns)
+        path = self._write(name, [ds], picture.T[None], segments)
+        return {"dicom_seg": path.name, "source_sop_instance_uid": str(ds.SOPInstanceUID)}
+
+    def _write(self, name: str, headers: list[Any], frames: np.ndarray, segments: list[tuple[int, Any]]) -> Path:
+        """``frames`` ``(n, Rows, Columns)``, one per source header, as ``<name><postfix>.dcm``: BINARY, one segment per label."""
         unknown = sorted(set(np.unique(frames).tolist()) - {0} - {value for value, _ in segments})
         if unknown:
             values = ", ".join(f"{v:g}" for v in unknown)
             raise ValueError(f"{name}: label value(s) {values} have no segment in metadata.json dicom_seg#segments")
         stacked = np.stack([frames == value for value, _ in segments], axis=-1).astype(np.uint8)  # (frames, rows, cols, segments)
+        descriptions = [d for _, d in segments]
         path = self.output_dir / f"{name}{self.postfix}.dcm"
-        self._write(headers, stacked, [d for _, d in segments], path)
-        return {"dicom_seg": path.name}
-
-    def _write(self, headers: list[Any], stacked: np.ndarray, descriptions: list[Any], path: Path) -> None:
         hd = require_highdicom()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -292,3 +347,4 @@ class DicomSegWriter:
             logger.debug(f"highdicom: {text}")
         with atomic_path(path) as tmp:
             seg.save_as(tmp, enforce_file_format=True)
+        return path
