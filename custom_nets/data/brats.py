@@ -114,7 +114,7 @@ def brats_case(
     Args:
         case_dir: the case folder; its name is ``{case}`` in the patterns.
         sequences: MRI sequences, in channel order.
-        image_pattern: path pattern of a sequence file, relative to the case folder's parent.
+        image_pattern: path pattern of a sequence file (or of a DICOM series folder), relative to the case folder's parent.
         label_pattern: path pattern of the label file, or ``None`` (inference).
         brain_mask_pattern: path pattern of a brain mask, or ``None`` (the brain is where any sequence is non-zero).
         check_files: raise when a file is missing.
@@ -135,7 +135,8 @@ def brats_case(
     if brain_mask_pattern:
         item["brain_mask"] = os.fspath(root / brain_mask_pattern.format(case=case))
     if check_files:
-        missing = [s for s, p in zip(sequences, item["image"]) if not os.path.isfile(p)]
+        # a sequence is a file (NIfTI...) or a DICOM series folder
+        missing = [s for s, p in zip(sequences, item["image"]) if not (os.path.isfile(p) or os.path.isdir(p))]
         if missing:
             expected = Path(image_pattern.format(case=case, sequence=missing[0])).name
             raise BraTSCaseError(

@@ -25,10 +25,13 @@ def write_dicom_series(
     origin: Sequence[float] = (0.0, 0.0, 0.0),
     series_uid: str | None = None,
     patient_name: str = "Synthetic^Phantom",
+    modality: str = "CT",
+    study_uid: str | None = None,
+    frame_of_reference_uid: str | None = None,
 ) -> list[str]:
     """
-    Write ``volume`` ``(I, J, K)`` (x, y, z index order, Hounsfield units) as ``K`` CT slices with the
-    identity orientation: voxel ``(i, j, k)`` lies at LPS ``origin + (i * sx, j * sy, k * sz)``.
+    Write ``volume`` ``(I, J, K)`` (x, y, z index order, Hounsfield units for CT) as ``K`` CT or MR slices
+    with the identity orientation: voxel ``(i, j, k)`` lies at LPS ``origin + (i * sx, j * sy, k * sz)``.
 
     Args:
         volume: int16-range values.
@@ -37,30 +40,37 @@ def write_dicom_series(
         origin: LPS position of voxel ``(0, 0, 0)``.
         series_uid: SeriesInstanceUID; a new one when ``None``.
         patient_name: PatientName written into every file (tests check it never leaks into outputs).
+        modality: ``"CT"`` or ``"MR"`` (SOP class and Modality).
+        study_uid, frame_of_reference_uid: new ones when ``None``; pass the same ones to write several
+            series of one study on one grid (e.g. the MRI sequences of a brain case).
 
     Returns:
         the slice file paths, in slice order.
     """
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    if modality not in ("CT", "MR"):
+        raise ValueError(f"modality must be 'CT' or 'MR', got {modality!r}")
+    sop_class = CTImageStorage if modality == "CT" else MRImageStorage
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = series_uid or generate_uid()
-    study_uid, frame_uid = generate_uid(), generate_uid()
+    study_uid, frame_uid = study_uid or generate_uid(), frame_of_reference_uid or generate_uid()
     data = np.asarray(volume)
     paths = []
     for k in range(data.shape[2]):
         sop_uid = generate_uid()
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPClassUID = sop_class
         meta.MediaStorageSOPInstanceUID = sop_uid
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = Dataset()
         ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop_uid
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
-        ds.Modality = "CT"
+        ds.Modality = modality
         ds.PatientName, ds.PatientID = patient_name, "SYNTH-0001"
         ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = [f"{origin[0]:.4f}", f"{origin[1]:.4f}", f"{origin[2] + k * spacing[2]:.4f}"]
