@@ -12,20 +12,18 @@ import numpy as np
 import pytest
 
 from custom_nets.data.luna16 import (
-    NODULE_TABLE_COLUMNS,
     NoduleAnnotationError,
     NoduleMaskd,
     luna16_cases,
     luna16_datalist,
     nodule_mask,
-    nodule_table,
     read_annotations,
     voxel_to_world,
     world_to_voxel,
-    write_nodule_csv,
 )
 from custom_nets.data.synthetic_luna16 import GEOMETRIES, make_synthetic_luna16
 from custom_nets.data.volume_io import LoadVolumed
+from custom_nets.metrics.nodules import NODULE_TABLE_COLUMNS, nodule_table, write_nodule_csv
 
 # an oblique affine (RAS), anisotropic spacing, non-zero origin
 OBLIQUE = np.array(

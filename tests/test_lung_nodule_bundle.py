@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from custom_nets.data.luna16 import NODULE_TABLE_COLUMNS
+from custom_nets.metrics.nodules import NODULE_TABLE_COLUMNS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "lung_nodule_ct_segmentation" / "configs"
 TINY = ["--image_size", "[64,64]", "--num_workers", "0"]

@@ -1,5 +1,6 @@
 """
-LUNA16 lung-nodule CT: dataset layout, nodule masks from world coordinates, per-nodule measurements.
+LUNA16 lung-nodule CT: dataset layout, nodule masks from world coordinates (the measurement of predicted
+nodules is :mod:`custom_nets.metrics.nodules`).
 
 Layout: ``<dataset_dir>/subset*/<seriesuid>.mhd`` (+ ``.raw``) and ``<dataset_dir>/annotations.csv`` with
 the columns ``seriesuid, coordX, coordY, coordZ, diameter_mm``. The coordinates are world millimetres in
@@ -7,8 +8,6 @@ the scanner's patient space as ITK (and the MetaImage origin) gives it: LPS. MON
 ``affine`` in RAS (``space`` in the metadata), so points are flipped in x and y on the way; voxel <->
 world mapping always goes through the volume's current affine, so origin, spacing AND direction count.
 
-Measured nodules are reported the same way as the annotations (LPS world mm, the column names of
-``annotations.csv``), so a prediction table can be compared with the reference directly.
 """
 
 from __future__ import annotations
@@ -26,15 +25,12 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
-from scipy import ndimage
 
-from custom_nets.data.atomic_write import atomic_path
 from custom_nets.data.splits import load_or_create_datalist
 from custom_nets.errors import InputError
 
 __all__ = [
     "ANNOTATION_COLUMNS",
-    "NODULE_TABLE_COLUMNS",
     "NoduleAnnotationError",
     "read_annotations",
     "luna16_cases",
@@ -43,8 +39,6 @@ __all__ = [
     "voxel_to_world",
     "nodule_mask",
     "NoduleMaskd",
-    "nodule_table",
-    "write_nodule_csv",
 ]
 
 logger = logging.getLogger(__name__)
@@ -52,8 +46,6 @@ logger = logging.getLogger(__name__)
 #: Columns of LUNA16's ``annotations.csv``.
 ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 
-#: Columns of the per-nodule table written at inference (coordinates: LPS world mm, like the annotations).
-NODULE_TABLE_COLUMNS = ("case", "nodule", "coordX", "coordY", "coordZ", "diameter_mm", "volume_mm3", "voxels")
 
 
 class NoduleAnnotationError(InputError):
@@ -284,90 +276,3 @@ class NoduleMaskd(MapTransform):
             label.copy_meta_from(image)
             d[self.label_key] = label
         return d
-
-
-def _component_sizes_and_centres(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """
-    Voxel count and centre of mass (voxel indices) of components ``1..count`` of a label volume, summed
-    slice by slice with ``np.bincount``: the temporaries are the size of one slice, where
-    ``scipy.ndimage.center_of_mass`` makes a float64 copy of the whole volume per axis.
-    """
-    sums = np.zeros((count + 1, 4), dtype=np.float64)  # voxels, sum of i, sum of j, sum of k
-    j_index, k_index = (g.ravel() for g in np.meshgrid(*[np.arange(n, dtype=np.float64) for n in labels.shape[1:]], indexing="ij"))
-    for i in range(labels.shape[0]):
-        plane = labels[i].ravel()
-        per_label = np.bincount(plane, minlength=count + 1)
-        sums[:, 0] += per_label
-        sums[:, 1] += i * per_label
-        sums[:, 2] += np.bincount(plane, weights=j_index, minlength=count + 1)
-        sums[:, 3] += np.bincount(plane, weights=k_index, minlength=count + 1)
-    voxels = sums[1:, 0]
-    return voxels.astype(int), sums[1:, 1:] / np.maximum(voxels, 1)[:, None]
-
-
-def nodule_table(
-    mask: np.ndarray | torch.Tensor,
-    affine: np.ndarray,
-    space: str = "RAS",
-    case: str = "",
-    min_voxels: int = 1,
-) -> list[dict[str, Any]]:
-    """
-    One row per connected component (26-connectivity) of a binary ``(I, J, K)`` mask: the centre of
-    mass in LPS world mm (``coordX/Y/Z``, as in LUNA16's annotations), the equivalent-sphere diameter
-    ``(6 V / pi)^(1/3)`` in mm, the volume in mm3 and the voxel count. Components are numbered from 1 by
-    decreasing volume. Only the bounding box of the foreground is labelled, to keep memory small.
-
-    Args:
-        mask: binary mask (non-zero = nodule), ``(I, J, K)`` or ``(1, I, J, K)``.
-        affine: voxel -> world affine of the mask's grid, in ``space``.
-        space: ``"RAS"`` or ``"LPS"``.
-        case: value of the ``case`` column.
-        min_voxels: smaller components are left out.
-
-    Example::
-
-        rows = nodule_table(pred[0], pred.meta["original_affine"], case="lung1")
-        rows[0]  # {"case": "lung1", "nodule": 1, "coordX": ..., "diameter_mm": 6.2, "volume_mm3": 125.0, "voxels": 640}
-    """
-    array = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-    if array.ndim == 4 and array.shape[0] == 1:
-        array = array[0]
-    foreground = array > 0
-    if not foreground.any():
-        return []
-    occupied = [np.flatnonzero(foreground.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
-    box = tuple(slice(int(idx[0]), int(idx[-1]) + 1) for idx in occupied)
-    labels, count = ndimage.label(foreground[box], structure=np.ones((3, 3, 3), dtype=bool))
-    voxels, centres = _component_sizes_and_centres(labels, count)
-    centres += np.array([s.start for s in box], dtype=np.float64)
-    world = voxel_to_world(centres, affine, space)
-    voxel_volume = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])))
-    rows = []
-    for i in np.argsort(-voxels, kind="stable"):
-        if voxels[i] < min_voxels:
-            continue
-        volume = float(voxels[i]) * voxel_volume
-        rows.append(
-            {
-                "case": case,
-                "nodule": len(rows) + 1,
-                "coordX": round(float(world[i, 0]), 3),
-                "coordY": round(float(world[i, 1]), 3),
-                "coordZ": round(float(world[i, 2]), 3),
-                "diameter_mm": round((6.0 * volume / math.pi) ** (1.0 / 3.0), 3),
-                "volume_mm3": round(volume, 3),
-                "voxels": int(voxels[i]),
-            }
-        )
-    return rows
-
-
-def write_nodule_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """Write :func:`nodule_table` rows (columns :data:`NODULE_TABLE_COLUMNS`) atomically; a header-only file when empty."""
-    path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=NODULE_TABLE_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from custom_nets.data.luna16 import nodule_table, write_nodule_csv
+from custom_nets.metrics.nodules import nodule_table, write_nodule_csv
 from custom_nets.data.volume_io import write_mask_like
 from custom_nets.flags import as_flag
 
@@ -64,7 +64,7 @@ class VolumeMaskWriter:
 
 class NoduleTableWriter:
     """
-    Measure the connected components of a lung-CT nodule mask (:func:`custom_nets.data.luna16.nodule_table`:
+    Measure the connected components of a lung-CT nodule mask (:func:`custom_nets.metrics.nodules.nodule_table`:
     centre in LPS world mm like LUNA16's annotations, equivalent diameter, volume) and keep one table
     for the whole run at ``<output_dir>/<filename>``, rewritten atomically after each case so that it
     is complete up to the last finished case even if the job stops.
