@@ -11,13 +11,8 @@ from monai.transforms import EnsureChannelFirst, LoadImage
 from PIL import Image
 
 from custom_nets.data.hc18 import IMAGE_FOLDER, PIXEL_SIZE_CSV, fill_annotation, read_pixel_sizes
-from custom_nets.metrics.head_circumference import (
-    Ellipse,
-    HeadCircumference,
-    ellipse_perimeter,
-    fit_head_ellipse,
-    head_circumference_mm,
-)
+from custom_nets.ellipse import Ellipse, ellipse_perimeter
+from custom_nets.metrics.head_circumference import HeadCircumference, fit_head_ellipse, head_circumference_mm
 from image_files import write_dicom_2d, write_nifti_2d, write_png
 
 ELLIPSE = Ellipse(60.0, 80.0, 40.0, 25.0, 0.5)  # centre (row, col), semi-axes, angle: pixels / radians

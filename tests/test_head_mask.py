@@ -8,7 +8,8 @@ import torch
 from monai.data import MetaTensor
 from scipy import ndimage
 
-from custom_nets.metrics.head_circumference import Ellipse, fit_ellipse, fit_ellipse_robust, head_circumference_mm
+from custom_nets.ellipse import Ellipse, fit_ellipse, fit_ellipse_robust
+from custom_nets.metrics.head_circumference import head_circumference_mm
 from custom_nets.transforms import HeadMaskd, head_mask
 
 TRUTH = Ellipse(135.0, 200.0, 95.0, 75.0, 0.4)  # pixels; an HC18-sized head in a 270x400 image

@@ -34,7 +34,7 @@ from custom_nets.data.atomic_write import atomic_path
 from custom_nets.data.image2d import ImageInputError, check_image_2d
 from custom_nets.data.splits import load_or_create_datalist
 from custom_nets.errors import InputError
-from custom_nets.metrics.head_circumference import fit_ellipse
+from custom_nets.ellipse import fit_ellipse
 
 __all__ = [
     "HC18DataError",

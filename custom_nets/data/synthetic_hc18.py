@@ -20,7 +20,7 @@ from scipy import ndimage
 from custom_nets.data import synthetic
 from custom_nets.data.atomic_write import atomic_path, write_csv_atomic
 from custom_nets.data.hc18 import ANNOTATION_SUFFIX, IMAGE_FOLDER, PIXEL_SIZE_CSV
-from custom_nets.metrics.head_circumference import Ellipse, ellipse_perimeter
+from custom_nets.ellipse import Ellipse, ellipse_perimeter
 
 __all__ = ["synthetic_case", "generate", "generate_once"]
 
