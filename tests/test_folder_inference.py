@@ -198,6 +198,15 @@ def test_no_temporary_files_left(inputs, tmp_path):
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_a_run_that_stops_before_its_first_case_gives_the_reserved_room_back(inputs, tmp_path):
+    """The room set aside for the table is released however the run ends, here when the journal cannot be reset."""
+    out = tmp_path / "out"
+    (out / "results.journal.jsonl").mkdir(parents=True)  # in the journal's way: resetting it fails
+    with pytest.raises(OSError):
+        _runner(inputs, out, exit_code_on_failure=None).run()
+    assert sorted(p.name for p in out.iterdir()) == ["results.journal.jsonl", "results.lock"]
+
+
 def test_two_inputs_never_share_an_output(tmp_path):
     writer = MaskWriter(tmp_path)
 

@@ -11,6 +11,7 @@ inferer, so the same config keys serve MONAI Label and TorchScript inference.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
@@ -471,30 +472,29 @@ class FolderInference:
         indexed = shard.take(self.inputs)
         table = shard.file_path(self.results_csv) if self.results_csv is not None else None
         journal = CaseJournal(shard.journal_path(self.results_csv)) if self.results_csv is not None else None
-        # room for the table and journal at the end, set aside before the first case may fill the disk
-        reserve = TableSpaceReserve(table, len(indexed)) if table is not None else None
-        kept = self._resumed(indexed, journal) if self.skip_existing and journal is not None else {}
-        if journal is not None and not self.skip_existing:
-            journal.rewrite([])  # a fresh run: rows of an earlier run in this folder are not this run's
-        todo = [(index, item) for index, item in indexed if index not in kept]
-        if shard.sharded:
-            self.logger.info(f"{shard.label}: {len(indexed)} of {len(self.inputs)} input(s)")
-        if self.skip_existing:
-            if todo:
-                self.logger.info(f"skip_existing: {len(kept)} case(s) already complete, {len(todo)} to run")
-            else:
-                self.logger.info(f"skip_existing: all {len(kept)} case(s) already complete: nothing to do")
-        records: dict[int, dict[str, Any]] = dict(kept)
-        failures: list[tuple[str, str]] = []
-        start = time.perf_counter()
-        # a tqdm bar (rate, ETA) on a terminal; in a log, a progress line every 10 % of the inputs
-        progress = LoopProgress(len(todo), "inference", unit="image", bar=self.progress, logger=self.logger)
-        try:
-            self._run_cases(todo, records, failures, journal, progress)
-        finally:
-            progress.close()
-            if reserve is not None:
-                reserve.release()
+        # room for the table and journal at the end, set aside before the first case may fill the disk and
+        # given back (also on an error) before the end-of-run writes below
+        with TableSpaceReserve(table, len(indexed)) if table is not None else contextlib.nullcontext():
+            kept = self._resumed(indexed, journal) if self.skip_existing and journal is not None else {}
+            if journal is not None and not self.skip_existing:
+                journal.rewrite([])  # a fresh run: rows of an earlier run in this folder are not this run's
+            todo = [(index, item) for index, item in indexed if index not in kept]
+            if shard.sharded:
+                self.logger.info(f"{shard.label}: {len(indexed)} of {len(self.inputs)} input(s)")
+            if self.skip_existing:
+                if todo:
+                    self.logger.info(f"skip_existing: {len(kept)} case(s) already complete, {len(todo)} to run")
+                else:
+                    self.logger.info(f"skip_existing: all {len(kept)} case(s) already complete: nothing to do")
+            records: dict[int, dict[str, Any]] = dict(kept)
+            failures: list[tuple[str, str]] = []
+            start = time.perf_counter()
+            # a tqdm bar (rate, ETA) on a terminal; in a log, a progress line every 10 % of the inputs
+            progress = LoopProgress(len(todo), "inference", unit="image", bar=self.progress, logger=self.logger)
+            try:
+                self._run_cases(todo, records, failures, journal, progress)
+            finally:
+                progress.close()
         elapsed = time.perf_counter() - start
         ordered = [records[index] for index in sorted(records)]
         rows = [r["row"] for r in ordered]

@@ -87,8 +87,8 @@ def output_folder_lock(lock_file: str | os.PathLike, label: str = "inference") -
 class TableSpaceReserve:
     """
     A hidden file of ``bytes_per_case * cases + base`` bytes allocated beside ``table`` before the first case,
-    and removed by :meth:`release` just before the table and journal are written at the end: when the cases
-    fill the disk, the end-of-run writes still find that room.
+    and removed by :meth:`release` (or on leaving a ``with`` block, also on an error) just before the table and
+    journal are written at the end: when the cases fill the disk, the end-of-run writes still find that room.
 
     Args:
         table: the results table (the reserve is ``.<table name>.reserve`` beside it).
@@ -102,9 +102,8 @@ class TableSpaceReserve:
 
     Example::
 
-        reserve = TableSpaceReserve("out/results.csv", cases=len(inputs))
-        ...  # the batch
-        reserve.release()
+        with TableSpaceReserve("out/results.csv", cases=len(inputs)):
+            ...  # the batch
         write_csv_atomic("out/results.csv", rows)
     """
 
@@ -132,3 +131,9 @@ class TableSpaceReserve:
     def release(self) -> None:
         """Give the room back (called right before the end-of-run writes; again is harmless)."""
         self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> TableSpaceReserve:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
