@@ -103,12 +103,14 @@ class BufferedIterationLog:
 
     Args:
         tracker: the trainer's ``MLFlowHandler``; its ``iteration_logger`` is replaced.
-        points: points not logged yet, as :attr:`points` holds them (from a checkpoint).
+
+    :attr:`points` (``[key, value, timestamp_ms, step]`` each) travels in the training checkpoint, so a resumed
+    run logs the points the killed one had not.
     """
 
-    def __init__(self, tracker: Any, points: list[list[Any]] | None = None) -> None:
+    def __init__(self, tracker: Any) -> None:
         self.tracker = tracker
-        self.points: list[list[Any]] = [list(p) for p in points or []]  # [key, value, timestamp_ms, step]
+        self.points: list[list[Any]] = []  # [key, value, timestamp_ms, step]
         self._iteration_logger = tracker.iteration_logger
         tracker.iteration_logger = self.collect
 
