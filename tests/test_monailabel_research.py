@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Callable
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,8 +58,8 @@ def _lung_studies(shared_data: Path, studies: Path, labels: Path) -> tuple[list[
 
 def _brats_studies(shared_data: Path, studies: Path, labels: Path) -> tuple[list[Path], dict[str, Path]]:
     """
-    4 studies of 6 axial slices of the real BraTS 2013 cases (through the tumour of each case, and one
-    above pat0003's), made from case folders by the documented ``python -m custom_nets brats_studies``
+    4 studies of 6 axial slices of the real BraTS 2013 cases (through the tumour of each case, and 20 slices
+    up from pat0003's), made from case folders by the documented ``python -m custom_nets brats_studies``
     (FLAIR and T1c stacked in one NIfTI, zero outside the brain mask); the label maps (0-4) of the first 3.
     """
     import nibabel as nib
@@ -91,7 +91,9 @@ class ResearchCase:
     mask_suffix: str
     studies: Callable[[Path, Path, Path], tuple[list[Path], dict[str, Path]]]  # (shared_data, studies, labels)
     mask_values: set[int] = field(default_factory=lambda: {0, 1})  # in the mask /infer returns
-    layout: str | None = None  # a data-layout override merged into the served copy's configs (and metadata)
+    # a data-layout override merged into the served copy's configs, and the metadata of that layout
+    layout: str | None = None
+    metadata_patch: Callable[[dict], None] | None = None
 
 
 RESEARCH_CASES = [
@@ -99,7 +101,7 @@ RESEARCH_CASES = [
     ResearchCase("lung_nodule_ct_segmentation", {"nodule": 1}, ".nii.gz", _lung_studies),
     # the real sample has FLAIR and T1c only: the bundle is served with the BraTS 2013 layout (2 sequences)
     ResearchCase("brain_tumor_mri_segmentation", {"necrotic core": 1, "edema": 2, "enhancing tumour": 4}, ".nii.gz",
-                 _brats_studies, mask_values={0, 1, 2, 4}, layout=BRATS2013_LAYOUT_CONFIG),
+                 _brats_studies, mask_values={0, 1, 2, 4}, layout=BRATS2013_LAYOUT_CONFIG, metadata_patch=brats2013_metadata),
 ]  # fmt: skip
 
 
@@ -129,7 +131,7 @@ def research(request, tmp_path_factory, shared_data):
     root = tmp_path_factory.mktemp(case.name)
     app = copy_sample_app(python, root / "app")
     layout = (case.layout,) if case.layout else ()
-    bundle = exported_bundle(case.name, app / "model" / case.name, layout, brats2013_metadata if case.layout else None)
+    bundle = exported_bundle(case.name, app / "model" / case.name, layout, case.metadata_patch)
     if case.layout:
         _merge_layout(bundle, case.layout)
     studies, labels = root / "studies", root / "corrected"

@@ -355,6 +355,8 @@ def stack_case_sequences(
     check_same_grid([*item["image"], *([item["brain_mask"]] if "brain_mask" in item else [])], item["case"])
     first = nib.load(item["image"][0])
     data = np.stack([np.asanyarray(nib.load(p).dataobj) for p in item["image"]], axis=-1)
+    if data.dtype == np.float64:  # scaled integers come out as float64; the bundle reads float32 anyway: half the file
+        data = data.astype(np.float32)
     if "brain_mask" in item:
         data[np.asanyarray(nib.load(item["brain_mask"]).dataobj) <= 0] = 0
     image = nib.Nifti1Image(data, first.affine, first.header)
@@ -367,10 +369,10 @@ def stack_case_sequences(
 
 def brats_studies_command(dataset_dir: str, output_dir: str, layout: str = "brats2020", labels: bool = False) -> None:
     """
-    Write every case folder of DATASET_DIR as one 4D NIfTI study
-    ``OUTPUT_DIR/<case>.nii.gz`` (:func:`stack_case_sequences`), for the brain bundle in MONAI Label; with
-    ``--labels true`` also each case's label map as ``OUTPUT_DIR/labels/final/<case>.nii.gz``, so MONAI Label
-    counts the case as labelled (training data for its *Train*).
+    Write every case folder of DATASET_DIR as one 4D NIfTI study ``OUTPUT_DIR/<case>.nii.gz``
+    (:func:`stack_case_sequences`), for the brain bundle in MONAI Label; with ``--labels true`` also each
+    case's label map as ``OUTPUT_DIR/labels/final/<case>.nii.gz``, so MONAI Label counts the case as
+    labelled (training data for its *Train*).
 
     Usage: ``python -m custom_nets brats_studies DATASET_DIR OUTPUT_DIR [--layout brats2020|brats2013] [--labels true]``
     """
@@ -382,12 +384,12 @@ def brats_studies_command(dataset_dir: str, output_dir: str, layout: str = "brat
     install_excepthook()
     if layout not in BRATS_LAYOUTS:
         raise InputError(f"unknown layout {layout!r}; choose one of {sorted(BRATS_LAYOUTS)}")
-    lay = BRATS_LAYOUTS[layout]
+    lay, labels = BRATS_LAYOUTS[layout], as_flag(labels, "labels")  # a typo fails before any file is written
     for case_dir in brats_case_dirs(dataset_dir):
         case = Path(case_dir).name
         study = stack_case_sequences(case_dir, Path(output_dir) / f"{case}.nii.gz", lay["sequences"], lay["image_pattern"], lay["brain_mask_pattern"])
         print(f"{study} ({', '.join(lay['sequences'])})")
-        if as_flag(labels, "labels"):
+        if labels:
             label = brats_case(case_dir, lay["sequences"], lay["image_pattern"], lay["label_pattern"], lay["brain_mask_pattern"])["label"]
             final = Path(output_dir) / "labels" / "final" / study.name
             final.parent.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,8 @@ Before any voxel is read, :func:`check_volume_input` looks at the headers and fa
 a folder with several DICOM series, a missing, corrupt or truncated slice, an unsupported format, a
 2D image or a file holding several volumes (one 3D volume per file and channel, unless the caller
 asks for stacked channels: the MRI sequences of a case in one 4D NIfTI, as a MONAI Label study is).
-Several channel files of one case must share one voxel grid (shape and affine, :func:`check_same_grid`). After
-reading, non-finite voxels are an error too. ``docs/bad_inputs.md`` lists every case. DICOM tags are
+Several channel files of one case must share one voxel grid (shape and affine, :func:`check_same_grid`).
+After reading, non-finite voxels are an error too. ``docs/bad_inputs.md`` lists every case. DICOM tags are
 never copied into metadata, messages or file names: cases are named after the file or folder.
 
 :func:`write_mask_like` writes a NIfTI mask with the shape and affine of the volume it was predicted
@@ -626,11 +626,12 @@ def read_volume(
     Read one case as a channel-first float32 ``MetaTensor`` ``(C, I, J, K)`` with its geometry.
 
     A list of paths (one per channel, e.g. MRI sequences) must hold volumes of one format and one
-    shape; they are stacked in the given order. One path with ``stacked_channels`` > 1 must be a 4D NIfTI
-    with that many channels on its last axis (the sequences already stacked, as in a MONAI Label study). Metadata: MONAI's (``affine``, ``original_affine``,
-    ``spatial_shape``, ``space``...) plus ``case``, ``source_format`` and ``source_path`` (the first
-    path); ``filename_or_obj`` is the path, or for several channel files in one folder that folder
-    (the case folder names the outputs). DICOM tag entries are dropped.
+    shape; they are stacked in the given order. One path with ``stacked_channels`` > 1 must be a 4D
+    NIfTI with that many channels on its last axis (the sequences already stacked, as in a MONAI Label
+    study). Metadata: MONAI's (``affine``, ``original_affine``, ``spatial_shape``, ``space``...) plus
+    ``case``, ``source_format`` and ``source_path`` (the first path); ``filename_or_obj`` is the path, or
+    for several channel files in one folder that folder (the case folder names the outputs). DICOM tag
+    entries are dropped.
 
     Args:
         path: a volume file, a DICOM series folder, or a list of them.
@@ -661,7 +662,7 @@ def read_volume(
             raise _for_case(case, p, e) from None
     if len(set(formats)) > 1:
         raise _fail(case, f"channels in different formats ({', '.join(formats)}); convert them to one format")
-    check_same_grid(paths, case, channels=stacked_channels if len(paths) == 1 else 1)  # every header once, one voxel grid
+    check_same_grid(paths, case, channels=channels if len(paths) == 1 else 1)  # every header once, one voxel grid
     loader = LoadImage(reader=_reader_for(formats[0]), image_only=True, dtype=np.float32, ensure_channel_first=True)
     try:
         image = loader([os.fspath(p) for p in paths] if len(paths) > 1 else os.fspath(paths[0]))
