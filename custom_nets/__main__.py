@@ -7,6 +7,7 @@ import fire
 
 def main() -> None:
     # Imported on use, so ``--help`` of one command does not load the others' dependencies.
+    from custom_nets.data.brats import brats_studies_command
     from custom_nets.engines.scaleout import merge_results_command
     from custom_nets.engines.stream import stream_command
     from custom_nets.tracking.architectures import architectures_command
@@ -21,6 +22,7 @@ def main() -> None:
             "crossval_compare": crossval_compare_command,
             "stream": stream_command,
             "merge_results": merge_results_command,
+            "brats_studies": brats_studies_command,
         }
     )
 

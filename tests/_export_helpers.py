@@ -139,7 +139,10 @@ def _real_brats2013_study(shared_data: Path, folder: Path) -> Path:
     return path
 
 
-def _brats2013_metadata(metadata: dict) -> None:
+BRATS2013_LAYOUT_CONFIG = "configs/layout_brats2013.json"
+
+
+def brats2013_metadata(metadata: dict) -> None:
     """The input of a model trained on the BraTS 2013 layout (``configs/layout_brats2013.json``): FLAIR, T1c."""
     image = metadata["network_data_format"]["inputs"]["image"]
     image["num_channels"], image["channel_def"] = 2, {"0": "FLAIR", "1": "T1c"}
@@ -194,11 +197,11 @@ HANDOFF_CASES = [
     # slice-wise on MRI; outputs TC/WT/ET regions, written as a BraTS label map (0, 1, 2, 4). The real
     # sample has FLAIR and T1c only, so the bundle CLI runs on synthetic 4-sequence cases and MONAI Label
     # serves a model exported for the BraTS 2013 layout (2 sequences). MONAI Label names the labels from
-    # the output channel_def (regions), not from the label map's values: reported, not fixed here.
+    # the output channel_def, which names the label map's values
     HandoffCase(
         name="brain_tumor_mri_segmentation",
         dimension=2,
-        labels={"tc": 0, "wt": 1, "et": 2},
+        labels={"necrotic core": 1, "edema": 2, "enhancing tumour": 4},
         mask_suffix=".nii.gz",
         synthetic_input=_synthetic_brats_case,
         real_input=None,
@@ -207,8 +210,8 @@ HANDOFF_CASES = [
         mask_postfix="_seg",
         server_mask_values={0, 1, 2, 4},
         study_input=_real_brats2013_study,
-        export_configs=("configs/layout_brats2013.json",),
-        metadata_patch=_brats2013_metadata,
+        export_configs=(BRATS2013_LAYOUT_CONFIG,),
+        metadata_patch=brats2013_metadata,
     ),
 ]
 

@@ -20,6 +20,7 @@ from custom_nets.data.brats import (
     brats_datalist,
     region_masks,
     regions_to_labels,
+    stack_case_sequences,
 )
 from custom_nets.data.synthetic_brats import make_synthetic_brats
 from custom_nets.data.volume_io import LoadVolumed, VolumeInputError
@@ -143,6 +144,54 @@ def test_datalist_split_of_the_real_sample_keeps_subjects_apart(shared_data, tmp
     splits = brats_datalist(shared_data / "brats2015", tmp_path / "datalist.json", subject_regex=r"^(.*pat\d+)", **BRATS2013_LAYOUT)
     assert [len(splits[k]) for k in ("training", "validation", "test")] == [1, 1, 1]
     assert all(str(shared_data) in item["image"][0] for items in splits.values() for item in items)
+
+
+def test_stacked_study_preprocesses_like_its_case_folder(brats_dir, tmp_path, repo_root):
+    """The bundle's inference preprocessing gives the same network input for a case folder and for its sequences
+    stacked in one 4D NIfTI (a MONAI Label study)."""
+    from monai.bundle import ConfigParser
+
+    case = f"{brats_dir}/BraTS20_Training_002"
+    study = stack_case_sequences(case, tmp_path / "BraTS20_Training_002.nii.gz")
+    assert nib.load(study).shape == (24, 24, 16, 4)
+    parser = ConfigParser()
+    parser.read_config(str(repo_root / "bundles" / "brain_tumor_mri_segmentation" / "configs" / "inference.json"))
+    parser["image_size"] = [32, 32]
+    preprocessing = parser.get_parsed_content("preprocessing")
+    from_folder, from_study = preprocessing({"image": case}), preprocessing({"image": str(study)})
+    torch.testing.assert_close(from_study["image"].as_tensor(), from_folder["image"].as_tensor())  # float32 rounding of another memory layout
+    np.testing.assert_allclose(from_study["image"].affine, from_folder["image"].affine)
+
+
+def test_stacked_real_sample_keeps_the_brain_of_its_mask(shared_data, tmp_path):
+    """BraTS 2013 sequences are non-zero outside the brain: the stacked study zeroes them, so the scaling without
+    a mask (the study's) equals the scaling with the case's brain mask."""
+    case = shared_data / "brats2015" / "brats_2013_pat0005_1"
+    layout = {k: v for k, v in BRATS2013_LAYOUT.items() if k != "label_pattern"}
+    study = stack_case_sequences(case, tmp_path / "pat0005.nii.gz", **layout)
+    item = BraTSCaseFilesd(keys="image", **layout)({"image": str(case)})
+    from_folder = RobustBrainNormalized(keys="image", mask_key="brain_mask")(LoadVolumed(keys=["image", "brain_mask"])(item))
+    from_study = RobustBrainNormalized(keys="image")(LoadVolumed(keys="image", stacked_channels={"image": 2})({"image": str(study)}))
+    torch.testing.assert_close(from_study["image"].as_tensor(), from_folder["image"].as_tensor())
+    np.testing.assert_allclose(nib.load(study).affine, nib.load(item["image"][0]).affine)
+
+
+def test_stacked_study_with_another_channel_count_is_refused(brats_dir, tmp_path):
+    study = stack_case_sequences(f"{brats_dir}/BraTS20_Training_001", tmp_path / "two.nii.gz", sequences=["flair", "t1ce"])
+    with pytest.raises(VolumeInputError, match=r"two.nii.gz holds 2 volume\(s\) .*expected a NIfTI of 4 channels stacked"):
+        LoadVolumed(keys="image", stacked_channels={"image": 4})({"image": str(study)})
+    with pytest.raises(VolumeInputError, match="holds 2 volumes or channels"):  # not asked for: one 3D volume per file
+        LoadVolumed(keys="image")({"image": str(study)})
+
+
+@pytest.mark.slow
+def test_studies_command_line_writes_studies_and_labels(brats_dir, tmp_path):
+    command = [sys.executable, "-m", "custom_nets", "brats_studies", str(brats_dir), str(tmp_path), "--labels", "true"]
+    subprocess.run(command, check=True, capture_output=True)
+    studies = sorted(p.name for p in tmp_path.glob("*.nii.gz"))
+    assert studies == [f"BraTS20_Training_00{i}.nii.gz" for i in (1, 2, 3)]
+    assert sorted(p.name for p in (tmp_path / "labels" / "final").iterdir()) == studies
+    assert nib.load(tmp_path / studies[0]).shape == (24, 24, 16, 4)
 
 
 @pytest.mark.slow

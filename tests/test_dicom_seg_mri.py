@@ -78,6 +78,8 @@ def test_metadata_segments_are_the_label_map_with_codedict_codes():
 
     segments = METADATA["dicom_seg"]["segments"]
     assert [s["label_value"] for s in segments] == [1, 2, 4]  # custom_nets.data.brats.regions_to_labels
+    names = METADATA["network_data_format"]["outputs"]["pred"]["channel_def"]  # what MONAI Label shows
+    assert [s["label"] for s in segments] == [names[str(s["label_value"])] for s in segments]
     for segment, kind in zip(segments, (codes.SCT.Necrosis, codes.SCT.Edema, codes.SCT.Neoplasm)):
         for key, code in {"category": codes.SCT.MorphologicallyAbnormalStructure, "type": kind, "anatomy": codes.SCT.Brain}.items():
             assert (segment[key]["value"], segment[key]["scheme"], segment[key]["meaning"]) == (code.value, code.scheme_designator, code.meaning)

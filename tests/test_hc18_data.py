@@ -270,3 +270,30 @@ def test_a_palette_training_image_is_refused_naming_it(tmp_path):
     with pytest.raises(InputError, match=rf"{image}: palette"):
         write_datalist(dataset, tmp_path / "datalist.json")
     assert not (tmp_path / "datalist.json").exists()
+
+
+def test_handoff_csv_snippet_of_the_monailabel_doc_makes_a_training_dataset(shared_data, repo_root, tmp_path):
+    """docs/monailabel_slicer.md 6b, run as written on 6 real HC18 images whose labels are stored as MONAI Label
+    stores them (RGB, 0/1): write_datalist accepts its output, and the circumference it measures is HC18's."""
+    import csv
+    import re
+
+    source, studies = shared_data / "hc18_subset", tmp_path / "data" / "hc18_to_label"
+    (studies / "labels" / "final").mkdir(parents=True)
+    reference = {row["filename"]: row for row in csv.DictReader(open(source / PIXEL_SIZE_CSV))}
+    names = sorted(p.name for p in (source / IMAGE_FOLDER).glob("*HC.png"))[:6]
+    with open(tmp_path / "data" / "pixel_sizes.csv", "w", newline="") as f:  # the site's export: no circumference
+        csv.writer(f).writerows([["filename", "pixel size(mm)"], *([n, reference[n]["pixel size(mm)"]] for n in names)])
+    for name in names:
+        shutil.copy(source / IMAGE_FOLDER / name, studies / name)
+        mask = np.asarray(Image.open(source / IMAGE_FOLDER / name.replace(".png", "_Annotation.png")).convert("L")) > 0
+        Image.fromarray(np.repeat(mask[..., None], 3, axis=2).astype(np.uint8)).save(studies / "labels" / "final" / name)
+    doc = (repo_root / "docs" / "monailabel_slicer.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", doc[doc.index("### 6b."):], re.S).group(1)
+    exec(re.sub(r"(?m)^   ", "", snippet).replace('"/data/', f'"{tmp_path}/data/'), {})
+
+    datalist = write_datalist(tmp_path / "data" / "hc18_round2", tmp_path / "datalist.json")
+    items = [item for part in datalist.values() for item in part]
+    assert sorted(Path(item["image"]).name for item in items) == names
+    for item in items:
+        assert item["hc_ref_mm"] == pytest.approx(float(reference[Path(item["image"]).name]["head circumference (mm)"]), abs=0.1)

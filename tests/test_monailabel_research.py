@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import requests
 import torch
 from PIL import Image
 
-from _export_helpers import REPO_ROOT, exported_bundle, lung_ct_slabs, run_cli
+from _export_helpers import BRATS2013_LAYOUT_CONFIG, REPO_ROOT, brats2013_metadata, check, exported_bundle, lung_ct_slabs, run_cli
 from _monailabel_helpers import copy_sample_app, infer, monailabel_python, running_server, server_env, submit_label, train
 
 pytestmark = [pytest.mark.monailabel, pytest.mark.slow]
@@ -55,18 +56,64 @@ def _lung_studies(shared_data: Path, studies: Path, labels: Path) -> tuple[list[
     return [path for path, _ in slabs], corrected
 
 
+def _brats_studies(shared_data: Path, studies: Path, labels: Path) -> tuple[list[Path], dict[str, Path]]:
+    """
+    4 studies of 6 axial slices of the real BraTS 2013 cases (through the tumour of each case, and 20 slices
+    up from pat0003's), made from case folders by the documented ``python -m custom_nets brats_studies``
+    (FLAIR and T1c stacked in one NIfTI, zero outside the brain mask); the label maps (0-4) of the first 3.
+    """
+    import nibabel as nib
+
+    cases = studies.parent / "cases"
+    slabs = []
+    for name, offset in (("brats_2013_pat0003_1", 0), ("brats_2013_pat0005_1", 0), ("brats_2013_pat0006_1", 0), ("brats_2013_pat0003_1", 20)):
+        source = shared_data / "brats2015" / name
+        tumour = np.asarray(nib.load(source / "OTMultiClass.nii.gz").dataobj) > 0
+        k0 = int(np.argmax(tumour.reshape(-1, tumour.shape[-1]).sum(0))) - 3 + offset
+        case = cases / f"{name}_slab{k0:03d}"
+        case.mkdir(parents=True)
+        for file in ("Flair_subtrMeanDivStd", "T1c_subtrMeanDivStd", "brainmask", "OTMultiClass"):
+            volume = nib.load(source / f"{file}.nii.gz")
+            affine = volume.affine.copy()
+            affine[:3, 3] += affine[:3, 2] * k0  # origin of the first kept slice
+            nib.save(nib.Nifti1Image(np.asarray(volume.dataobj)[..., k0 : k0 + 6], affine, volume.header), case / f"{file}.nii.gz")
+        slabs.append(case)
+    check(run_cli([sys.executable, "-m", "custom_nets", "brats_studies", str(cases), str(studies), "--layout", "brats2013"], cwd=studies.parent))
+    images = [studies / f"{case.name}.nii.gz" for case in slabs]
+    corrected = {case.name: Path(shutil.copy(case / "OTMultiClass.nii.gz", labels / f"{case.name}.nii.gz")) for case in slabs[:LABELLED]}
+    return images, corrected
+
+
 @dataclass(frozen=True)
 class ResearchCase:
     name: str
     labels: dict[str, int]  # as /info reports them
     mask_suffix: str
     studies: Callable[[Path, Path, Path], tuple[list[Path], dict[str, Path]]]  # (shared_data, studies, labels)
+    mask_values: set[int] = field(default_factory=lambda: {0, 1})  # in the mask /infer returns
+    # a data-layout override merged into the served copy's configs, and the metadata of that layout
+    layout: str | None = None
+    metadata_patch: Callable[[dict], None] | None = None
 
 
 RESEARCH_CASES = [
     ResearchCase("fetal_head_us_segmentation", {"fetal head": 1}, ".png", _hc18_studies),
     ResearchCase("lung_nodule_ct_segmentation", {"nodule": 1}, ".nii.gz", _lung_studies),
-]
+    # the real sample has FLAIR and T1c only: the bundle is served with the BraTS 2013 layout (2 sequences)
+    ResearchCase("brain_tumor_mri_segmentation", {"necrotic core": 1, "edema": 2, "enhancing tumour": 4}, ".nii.gz",
+                 _brats_studies, mask_values={0, 1, 2, 4}, layout=BRATS2013_LAYOUT_CONFIG, metadata_patch=brats2013_metadata),
+]  # fmt: skip
+
+
+def _merge_layout(bundle: Path, layout: str) -> None:
+    """The served copy's ``inference.json`` and ``train.json`` with ``layout`` merged in, as docs/monailabel_slicer.md
+    tells users to do for a model trained with a layout override (MONAI Label reads these two files only)."""
+    from monai.bundle import ConfigParser
+
+    for name in ("inference.json", "train.json"):
+        parser = ConfigParser()
+        parser.read_config([str(bundle / "configs" / name), str(bundle / layout)])
+        ConfigParser.export_config_file(parser.config, str(bundle / "configs" / name), indent=4)
 
 
 def _image_id(path: Path) -> str:
@@ -83,7 +130,10 @@ def research(request, tmp_path_factory, shared_data):
     case, python = request.param, monailabel_python()
     root = tmp_path_factory.mktemp(case.name)
     app = copy_sample_app(python, root / "app")
-    bundle = exported_bundle(case.name, app / "model" / case.name)
+    layout = (case.layout,) if case.layout else ()
+    bundle = exported_bundle(case.name, app / "model" / case.name, layout, case.metadata_patch)
+    if case.layout:
+        _merge_layout(bundle, case.layout)
     studies, labels = root / "studies", root / "corrected"
     studies.mkdir()
     labels.mkdir()
@@ -156,7 +206,7 @@ def test_infer_returns_mask_in_input_format_and_geometry(research, tmp_path):
         assert mask_img.shape[:3] == volume.shape[:3]
         np.testing.assert_allclose(mask_img.affine, volume.affine, atol=1e-3)
         mask = np.asarray(mask_img.dataobj)
-    assert set(np.unique(mask).tolist()) <= {0, 1}
+    assert set(np.unique(mask).tolist()) <= research["case"].mask_values
 
 
 def test_train_without_labels_is_refused_in_one_line(research, refused_train):

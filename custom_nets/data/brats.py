@@ -11,6 +11,9 @@ case folder name and ``{sequence}`` one entry of ``sequences``):
   ``Flair, T1c``, labels ``{case}/OTMultiClass.nii.gz`` (0-4: 1 necrosis, 2 edema, 3 non-enhancing,
   4 enhancing) and a brain mask ``{case}/brainmask.nii.gz``.
 
+MONAI Label serves one file per study: :func:`stack_case_sequences` (``python -m custom_nets brats_studies``)
+writes a case's sequences as one 4D NIfTI, which the bundle's inference and training read like the case folder.
+
 Labels become the three overlapping BraTS regions as channels, in the order of :data:`REGIONS`:
 tumour core (TC), whole tumour (WT), enhancing tumour (ET); :data:`BRATS_CONVENTIONS` says which
 labels make up each region.
@@ -25,6 +28,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
@@ -32,6 +36,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type
 
+from custom_nets.data.atomic_write import atomic_path
 from custom_nets.data.splits import load_or_create_datalist
 from custom_nets.data.volume_io import GRID_AFFINE_TOLERANCE, check_same_grid, read_volume
 from custom_nets.errors import InputError
@@ -48,6 +53,9 @@ __all__ = [
     "check_label_values",
     "check_case_volumes",
     "brats_datalist",
+    "BRATS_LAYOUTS",
+    "stack_case_sequences",
+    "brats_studies_command",
     "region_masks",
     "regions_to_labels",
     "BraTSCaseFilesd",
@@ -82,6 +90,10 @@ BRATS2013_LAYOUT = {
     "label_pattern": "{case}/OTMultiClass.nii.gz",
     "brain_mask_pattern": "{case}/brainmask.nii.gz",
 }
+
+
+#: The layouts by name, as ``python -m custom_nets brats_studies --layout`` takes them.
+BRATS_LAYOUTS = {"brats2020": BRATS2020_LAYOUT, "brats2013": BRATS2013_LAYOUT}
 
 
 class BraTSCaseError(InputError):
@@ -314,6 +326,77 @@ def _checked(items: list[dict[str, Any]], label_convention: str | Mapping[str, A
     return items
 
 
+def stack_case_sequences(
+    case_dir: str | os.PathLike,
+    output_file: str | os.PathLike,
+    sequences: Sequence[str] = BRATS2020_LAYOUT["sequences"],
+    image_pattern: str = BRATS2020_LAYOUT["image_pattern"],
+    brain_mask_pattern: str | None = None,
+) -> Path:
+    """
+    Write the sequences of one case folder as one NIfTI of shape ``(I, J, K, len(sequences))``, channels in
+    the order of ``sequences`` (the bundle's channel order), with the first sequence's affine and
+    qform/sform: a MONAI Label study, which must be one file. With a brain mask, voxels outside it are set
+    to 0, so that the bundle (which takes the non-zero voxels as the brain when no mask comes with the
+    study) scales intensities over the same brain as with the case folder.
+
+    Args:
+        case_dir: the case folder.
+        output_file: the ``.nii.gz`` to write (written through a temporary file: complete or absent).
+        sequences, image_pattern, brain_mask_pattern: see :func:`brats_case`.
+
+    Raises:
+        BraTSCaseError, VolumeInputError: a missing sequence, or sequences not on one voxel grid (one line).
+
+    Example::
+
+        stack_case_sequences("BraTS20_Training_001", "studies/BraTS20_Training_001.nii.gz")  # t1, t1ce, t2, flair
+    """
+    item = brats_case(case_dir, sequences, image_pattern, None, brain_mask_pattern)
+    check_same_grid([*item["image"], *([item["brain_mask"]] if "brain_mask" in item else [])], item["case"])
+    first = nib.load(item["image"][0])
+    data = np.stack([np.asanyarray(nib.load(p).dataobj) for p in item["image"]], axis=-1)
+    if data.dtype == np.float64:  # scaled integers come out as float64; the bundle reads float32 anyway: half the file
+        data = data.astype(np.float32)
+    if "brain_mask" in item:
+        data[np.asanyarray(nib.load(item["brain_mask"]).dataobj) <= 0] = 0
+    image = nib.Nifti1Image(data, first.affine, first.header)
+    image.header.set_data_dtype(data.dtype)  # the stacked dtype, not the first file's (nibabel would cast to it)
+    output_file = Path(output_file)
+    with atomic_path(output_file) as tmp:
+        nib.save(image, os.fspath(tmp))
+    return output_file
+
+
+def brats_studies_command(dataset_dir: str, output_dir: str, layout: str = "brats2020", labels: bool = False) -> None:
+    """
+    Write every case folder of DATASET_DIR as one 4D NIfTI study ``OUTPUT_DIR/<case>.nii.gz``
+    (:func:`stack_case_sequences`), for the brain bundle in MONAI Label; with ``--labels true`` also each
+    case's label map as ``OUTPUT_DIR/labels/final/<case>.nii.gz``, so MONAI Label counts the case as
+    labelled (training data for its *Train*).
+
+    Usage: ``python -m custom_nets brats_studies DATASET_DIR OUTPUT_DIR [--layout brats2020|brats2013] [--labels true]``
+    """
+    import shutil
+
+    from custom_nets.errors import install_excepthook
+    from custom_nets.flags import as_flag
+
+    install_excepthook()
+    if layout not in BRATS_LAYOUTS:
+        raise InputError(f"unknown layout {layout!r}; choose one of {sorted(BRATS_LAYOUTS)}")
+    lay, labels = BRATS_LAYOUTS[layout], as_flag(labels, "labels")  # a typo fails before any file is written
+    for case_dir in brats_case_dirs(dataset_dir):
+        case = Path(case_dir).name
+        study = stack_case_sequences(case_dir, Path(output_dir) / f"{case}.nii.gz", lay["sequences"], lay["image_pattern"], lay["brain_mask_pattern"])
+        print(f"{study} ({', '.join(lay['sequences'])})")
+        if labels:
+            label = brats_case(case_dir, lay["sequences"], lay["image_pattern"], lay["label_pattern"], lay["brain_mask_pattern"])["label"]
+            final = Path(output_dir) / "labels" / "final" / study.name
+            final.parent.mkdir(parents=True, exist_ok=True)
+            print(shutil.copyfile(label, final))
+
+
 def region_masks(label: torch.Tensor, convention: str | Mapping[str, Any] = "brats2020") -> torch.Tensor:
     """
     ``(1, *spatial)`` label map -> ``(3, *spatial)`` float masks of TC, WT, ET under ``convention``.
@@ -351,7 +434,8 @@ class BraTSCaseFilesd(MapTransform):
     """
     Dictionary transform for inference on case folders: replaces a case folder path under ``keys`` by
     the list of its sequence files (:func:`brats_case`), adds ``case`` and, with a brain-mask pattern,
-    ``brain_mask``. A value that is already a list of files is left as it is.
+    ``brain_mask``. A value that is already a list of files, or one file (the sequences stacked in a 4D
+    NIfTI by :func:`stack_case_sequences`, as MONAI Label sends a study), is left as it is.
 
     Args:
         keys: keys holding a case folder.
@@ -383,7 +467,7 @@ class BraTSCaseFilesd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            if isinstance(d[key], (list, tuple)):
+            if isinstance(d[key], (list, tuple)) or os.path.isfile(d[key]):
                 continue
             item = brats_case(d[key], self.sequences, self.image_pattern, None, self.brain_mask_pattern)
             d[key] = item["image"]

@@ -10,9 +10,10 @@ or one folder holding one DICOM series. Reading goes through MONAI's ``LoadImage
 Before any voxel is read, :func:`check_volume_input` looks at the headers and fails with a one-line
 :class:`VolumeInputError` that names the case and the file: a MetaImage header without its data file,
 a folder with several DICOM series, a missing, corrupt or truncated slice, an unsupported format, a
-2D image or a file holding several volumes (one 3D volume per file and channel). Several channel
-files of one case must share one voxel grid (shape and affine, :func:`check_same_grid`). After
-reading, non-finite voxels are an error too. ``docs/bad_inputs.md`` lists every case. DICOM tags are
+2D image or a file holding several volumes (one 3D volume per file and channel, unless the caller
+asks for stacked channels: the MRI sequences of a case in one 4D NIfTI, as a MONAI Label study is).
+Several channel files of one case must share one voxel grid (shape and affine, :func:`check_same_grid`).
+After reading, non-finite voxels are an error too. ``docs/bad_inputs.md`` lists every case. DICOM tags are
 never copied into metadata, messages or file names: cases are named after the file or folder.
 
 :func:`write_mask_like` writes a NIfTI mask with the shape and affine of the volume it was predicted
@@ -371,15 +372,20 @@ def check_metaimage(path: str | os.PathLike) -> None:
             raise _fail(case, f"MetaImage data file {data_file} is truncated ({actual} bytes, header needs {expected})")
 
 
-def volume_grid(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray | None]:
+def volume_grid(path: str | os.PathLike, channels: int = 1) -> tuple[tuple[int, ...], np.ndarray | None]:
     """
     The voxel grid of one case from its headers only: the spatial shape in the order the readers return
     it (i, j, k) and the voxel -> world affine in RAS (as MONAI's readers give it; ``None`` for a DICOM
     series, whose geometry is checked slice by slice instead).
 
+    Args:
+        path: a volume file or a DICOM series folder.
+        channels: how many 3D volumes the file must hold: 1 (one volume per file and channel), or more for
+            channels stacked on the 4th axis of a NIfTI (``(I, J, K, C)``, e.g. the sequences of a BraTS case).
+
     Raises:
         VolumeInputError: an unreadable header, a 2D image (fewer than 3 dimensions), or a file that holds
-            several volumes or vector voxels (e.g. a 4D NIfTI): one 3D volume per file and channel.
+            another number of volumes or vector voxels than ``channels`` (e.g. a 4D NIfTI when 1 is expected).
     """
     fmt = volume_format(path)
     path = Path(path)
@@ -419,11 +425,17 @@ def volume_grid(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray | 
     if len(shape) < 3:
         raise _fail(case, f"{path.name} is a 2D image ({'x'.join(map(str, shape))}); this bundle segments 3D volumes")
     extra = int(np.prod(shape[3:])) * components
-    if extra > 1:
+    if channels == 1 and extra > 1:
         raise _fail(
             case,
             f"{path.name} holds {extra} volumes or channels (shape {'x'.join(map(str, shape))}"
             f"{f', {components} components per voxel' if components > 1 else ''}); one 3D volume per file is expected",
+        )
+    if channels > 1 and (fmt != "nifti" or len(shape) != 4 or extra != channels):
+        raise _fail(
+            case,
+            f"{path.name} holds {extra} volume(s) (shape {'x'.join(map(str, shape))}, {fmt}); expected a NIfTI of "
+            f"{channels} channels stacked on its 4th axis (I x J x K x {channels})",
         )
     _check_affine(case, path.name, affine)
     return shape[:3], affine
@@ -459,7 +471,10 @@ def volume_shape(path: str | os.PathLike) -> tuple[int, ...]:
 
 
 def check_same_grid(
-    paths: Sequence[str | os.PathLike], case: str | None = None, tolerance: float = GRID_AFFINE_TOLERANCE
+    paths: Sequence[str | os.PathLike],
+    case: str | None = None,
+    tolerance: float = GRID_AFFINE_TOLERANCE,
+    channels: int = 1,
 ) -> None:
     """
     Check from headers, reading each once, that every path is one 3D volume (:func:`volume_grid`) and
@@ -471,6 +486,7 @@ def check_same_grid(
         paths: the volumes; the first is the reference.
         case: name used in messages; defaults to the case name of the first path.
         tolerance: largest accepted difference of affine entries.
+        channels: volumes the first file must hold (see :func:`volume_grid`); the others hold one each.
 
     Raises:
         VolumeInputError: one line naming the case and the file: a volume :func:`volume_grid` refuses,
@@ -485,9 +501,9 @@ def check_same_grid(
         return
     case = case or case_name(paths[0])
     grids = []
-    for p in paths:
+    for i, p in enumerate(paths):
         try:
-            grids.append(volume_grid(p))
+            grids.append(volume_grid(p, channels if i == 0 else 1))
         except VolumeInputError as e:
             raise _for_case(case, p, e) from None
     (shape0, affine0), name0 = grids[0], paths[0].name
@@ -603,19 +619,24 @@ def nrrd_data_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
-def read_volume(path: str | os.PathLike | Sequence[str | os.PathLike], case: str | None = None) -> MetaTensor:
+def read_volume(
+    path: str | os.PathLike | Sequence[str | os.PathLike], case: str | None = None, stacked_channels: int = 1
+) -> MetaTensor:
     """
     Read one case as a channel-first float32 ``MetaTensor`` ``(C, I, J, K)`` with its geometry.
 
     A list of paths (one per channel, e.g. MRI sequences) must hold volumes of one format and one
-    shape; they are stacked in the given order. Metadata: MONAI's (``affine``, ``original_affine``,
-    ``spatial_shape``, ``space``...) plus ``case``, ``source_format`` and ``source_path`` (the first
-    path); ``filename_or_obj`` is the path, or for several channel files in one folder that folder
-    (the case folder names the outputs). DICOM tag entries are dropped.
+    shape; they are stacked in the given order. One path with ``stacked_channels`` > 1 must be a 4D
+    NIfTI with that many channels on its last axis (the sequences already stacked, as in a MONAI Label
+    study). Metadata: MONAI's (``affine``, ``original_affine``, ``spatial_shape``, ``space``...) plus
+    ``case``, ``source_format`` and ``source_path`` (the first path); ``filename_or_obj`` is the path, or
+    for several channel files in one folder that folder (the case folder names the outputs). DICOM tag
+    entries are dropped.
 
     Args:
         path: a volume file, a DICOM series folder, or a list of them.
         case: name used in error messages and metadata; defaults to the case name of the (first) path.
+        stacked_channels: channels a single file holds (1: a 3D volume); ignored for a list of several paths.
 
     Raises:
         VolumeInputError: unreadable or inconsistent input (see :func:`check_volume_input`), channel files
@@ -626,10 +647,12 @@ def read_volume(path: str | os.PathLike | Sequence[str | os.PathLike], case: str
 
         ct = read_volume("scans/lung1.nrrd")            # (1, 512, 512, 48), float32
         mri = read_volume(["p1/flair.nii.gz", "p1/t1ce.nii.gz"], case="p1")  # (2, 240, 240, 155)
+        study = read_volume("p1_flair_t1ce.nii.gz", stacked_channels=2)    # the same, from one 4D NIfTI
     """
     paths = [Path(p) for p in ([path] if isinstance(path, (str, os.PathLike)) else path)]
     if not paths:
         raise VolumeInputError("read_volume: no path given")
+    channels = stacked_channels if len(paths) == 1 else len(paths)
     case = case or case_name(paths[0])
     formats = []
     for p in paths:
@@ -639,7 +662,7 @@ def read_volume(path: str | os.PathLike | Sequence[str | os.PathLike], case: str
             raise _for_case(case, p, e) from None
     if len(set(formats)) > 1:
         raise _fail(case, f"channels in different formats ({', '.join(formats)}); convert them to one format")
-    check_same_grid(paths, case)  # every header once: what check_volume_input checks, plus one voxel grid
+    check_same_grid(paths, case, channels=channels if len(paths) == 1 else 1)  # every header once, one voxel grid
     loader = LoadImage(reader=_reader_for(formats[0]), image_only=True, dtype=np.float32, ensure_channel_first=True)
     try:
         image = loader([os.fspath(p) for p in paths] if len(paths) > 1 else os.fspath(paths[0]))
@@ -653,8 +676,8 @@ def read_volume(path: str | os.PathLike | Sequence[str | os.PathLike], case: str
         raise _fail(case, f"cannot read {paths[0].name}: {describe_error(e)}") from None
     if image.dtype != torch.float32:
         image = image.float()
-    if image.ndim != 4 or image.shape[0] != len(paths):
-        raise _fail(case, f"expected {len(paths)} 3D volume(s), read data of shape {tuple(image.shape)} from {paths[0].name}")
+    if image.ndim != 4 or image.shape[0] != channels:
+        raise _fail(case, f"expected {channels} 3D volume(s), read data of shape {tuple(image.shape)} from {paths[0].name}")
     if formats[0] == "dicom":
         files = dicom_series_files(paths[0])  # headers only; GDCM may group slices differently
         if image.shape[-1] != len(files):
@@ -670,7 +693,8 @@ def read_volume(path: str | os.PathLike | Sequence[str | os.PathLike], case: str
     if bad_channels:
         channel = bad_channels[0]
         bad = int((~torch.isfinite(plain[channel])).sum())
-        raise _fail(case, f"{paths[channel].name}: {bad} voxel(s) are NaN or infinite; fix or mask them before segmentation")
+        where = paths[channel].name if len(paths) > 1 else paths[0].name + (f" (channel {channel})" if channels > 1 else "")
+        raise _fail(case, f"{where}: {bad} voxel(s) are NaN or infinite; fix or mask them before segmentation")
     for key in [k for k in image.meta if isinstance(k, str) and _DICOM_TAG_KEY.match(k)]:
         del image.meta[key]
     image.meta["case"] = case
@@ -690,22 +714,33 @@ class LoadVolumed(MapTransform):
     Args:
         keys: keys of the paths to read.
         case_key: key of the case name used in error messages and metadata.
+        stacked_channels: by key, the channels that one file under that key holds on its 4th axis (e.g.
+            ``{"image": 4}``: the four MRI sequences of a case in one 4D NIfTI, a MONAI Label study); a list of
+            paths under that key is read as before. Keys not named hold one 3D volume per file.
         allow_missing_keys: skip keys that are absent.
 
     Example::
 
         LoadVolumed(keys=["image", "label"])({"image": ["c1/flair.nii.gz", "c1/t1ce.nii.gz"], "label": "c1/seg.nii.gz"})
+        LoadVolumed(keys="image", stacked_channels={"image": 2})({"image": "c1_flair_t1ce.nii.gz"})
     """
 
-    def __init__(self, keys: KeysCollection, case_key: str = "case", allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        case_key: str = "case",
+        allow_missing_keys: bool = False,
+        stacked_channels: Mapping[str, int] | None = None,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.case_key = case_key
+        self.stacked_channels = dict(stacked_channels or {})
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         case = d.get(self.case_key)
         for key in self.key_iterator(d):
-            d[key] = read_volume(d[key], case=None if case is None else str(case))
+            d[key] = read_volume(d[key], case=None if case is None else str(case), stacked_channels=self.stacked_channels.get(key, 1))
         return d
 
 
