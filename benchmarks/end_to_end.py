@@ -324,7 +324,7 @@ def parity(
     Masks and head circumferences of every mode against ``fp32-eager`` and the ground truth.
 
     ``hc18_dir`` holds the HC18 layout (``training_set/``, the pixel-size CSV). Its subject-disjoint split
-    is the bundle's (``custom_nets.data.hc18.write_datalist``, seed 0, as ``train.json``); ``split``
+    is the bundle's (``custom_nets.data.hc18.datalist``, seed 0, as ``train.json``); ``split``
     images are compared (the first ``limit``). Without ``int8_model`` one is made from ``ckpt``,
     calibrated on the training split only, with the quantizer's guard ``min_dice`` (None: its default).
 
@@ -333,9 +333,9 @@ def parity(
         difference, mean Dice vs ground truth and its drop, the share of images within each bound,
         ``met``), and ``skipped`` modes with their reason.
     """
-    from custom_nets.data.hc18 import write_datalist
+    from custom_nets.data import hc18
 
-    datalist = write_datalist(hc18_dir, workdir / "datalist.json", seed=0)
+    datalist = hc18.datalist(hc18_dir, workdir / "datalist.json", seed=0)
     items = datalist[split] if split != "all" else [i for part in datalist.values() for i in part]
     items = items[:limit] if limit else items
     if not items:

@@ -114,9 +114,9 @@ def lung_ct_slabs(
 
 def _synthetic_brats_case(folder: Path) -> Path:
     """One synthetic BraTS-2020-layout case folder (4 sequences, 48 x 40 x 5)."""
-    from custom_nets.data.synthetic_brats import make_synthetic_brats
+    from custom_nets.data import synthetic_brats
 
-    make_synthetic_brats(str(folder), num_cases=1, shape=(48, 40, 5))
+    synthetic_brats.generate(str(folder), num_cases=1, shape=(48, 40, 5))
     (folder / "name_mapping.csv").unlink(missing_ok=True)
     return folder / "BraTS20_Training_001"
 

@@ -18,11 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
+from custom_nets.data import brats, hc18, synthetic_brats
 from custom_nets.data.atomic_write import atomic_path
-from custom_nets.data.brats import BraTSCaseError, ConvertBraTSLabelsToRegionsd, brats_datalist
-from custom_nets.data.hc18 import IMAGE_FOLDER, HC18DataError, write_datalist
+from custom_nets.data.brats import BraTSCaseError, ConvertBraTSLabelsToRegionsd
+from custom_nets.data.hc18 import IMAGE_FOLDER, HC18DataError
 from custom_nets.data.image2d import Image2DReader, check_image_2d
-from custom_nets.data.synthetic_brats import make_synthetic_brats
 from custom_nets.data.synthetic_dicom import write_dicom_series
 from custom_nets.data.synthetic_hc18 import generate
 from custom_nets.data.volume_io import VolumeInputError, list_volume_inputs, read_volume
@@ -575,7 +575,7 @@ def test_channels_on_different_grids_are_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def brats_source(tmp_path_factory) -> Path:
-    return Path(make_synthetic_brats(str(tmp_path_factory.mktemp("brats")), num_cases=3, shape=(16, 16, 8), seed=3))
+    return Path(synthetic_brats.generate(str(tmp_path_factory.mktemp("brats")), num_cases=3, shape=(16, 16, 8), seed=3))
 
 
 @pytest.fixture
@@ -619,7 +619,7 @@ def test_bad_brats_label_stops_the_datalist_naming_the_file(brats_copy, tmp_path
     _relabel(brats_copy, change)
     datalist = tmp_path / "datalist.json"
     with pytest.raises(InputError) as info:
-        brats_datalist(brats_copy, datalist, label_convention="brats2020")
+        brats.datalist(brats_copy, datalist, label_convention="brats2020")
     _one_line_naming(str(info.value), "BraTS20_Training_002_seg.nii.gz", phrase)
     assert str(info.value).startswith("BraTS20_Training_002:")
     assert not datalist.exists()
@@ -628,14 +628,14 @@ def test_bad_brats_label_stops_the_datalist_naming_the_file(brats_copy, tmp_path
 def test_brats_case_missing_a_sequence_stops_the_datalist(brats_copy, tmp_path):
     (brats_copy / "BraTS20_Training_003" / "BraTS20_Training_003_flair.nii.gz").unlink()
     with pytest.raises(BraTSCaseError) as info:
-        brats_datalist(brats_copy, tmp_path / "datalist.json")
+        brats.datalist(brats_copy, tmp_path / "datalist.json")
     _one_line_naming(str(info.value), "BraTS20_Training_003", "missing MRI sequence(s) flair")
     assert not (tmp_path / "datalist.json").exists()
 
 
 def test_brats_empty_label_is_allowed(brats_copy, tmp_path):
     _relabel(brats_copy, lambda data, affine: (np.zeros_like(data), affine))  # a case without tumour
-    datalist = brats_datalist(brats_copy, tmp_path / "datalist.json", label_convention="brats2020")
+    datalist = brats.datalist(brats_copy, tmp_path / "datalist.json", label_convention="brats2020")
     assert sum(len(part) for part in datalist.values()) == 3
 
 
@@ -658,7 +658,7 @@ def test_hc18_empty_annotation_is_refused_naming_the_file(hc18_source, tmp_path)
     annotation = dataset / IMAGE_FOLDER / "002_HC_Annotation.png"
     write_png(annotation, np.zeros((48, 64), np.uint8))
     with pytest.raises(HC18DataError) as info:
-        write_datalist(dataset, tmp_path / "datalist.json")
+        hc18.datalist(dataset, tmp_path / "datalist.json")
     _one_line_naming(str(info.value), str(annotation), "the annotation is empty (no head drawn)")
     assert not (tmp_path / "datalist.json").exists()
 
@@ -670,7 +670,7 @@ def test_hc18_annotation_with_other_values_counts_every_non_zero_pixel_as_head(h
     graded = np.where(values > 0, 128, 0).astype(np.uint8)
     graded.flat[np.flatnonzero(values > 0)[::2]] = 7  # anti-aliased or multi-valued annotation
     write_png(annotation, graded)
-    datalist = write_datalist(dataset, tmp_path / "datalist.json")
+    datalist = hc18.datalist(dataset, tmp_path / "datalist.json")
     item = next(i for part in datalist.values() for i in part if i["image"].endswith("002_HC.png"))
     assert np.array_equal(np.asarray(Image.open(item["label"])), (values > 0).astype(np.uint8))
 

@@ -22,8 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
+from custom_nets.data import synthetic_brats
 from custom_nets import AdaptiveCENet
-from custom_nets.data.synthetic_brats import make_synthetic_brats
 from custom_nets.data.synthetic_dicom import write_dicom_series
 from image_files import write_dicom_2d, write_nifti_2d, write_png
 from test_bad_inputs import read_only_dir  # noqa: F401  (a fixture, used by name)
@@ -215,7 +215,7 @@ def test_output_folder_in_the_input_folder_fails_before_any_case(root, bundle, c
     """A second run into its own input folder would read the first run's masks as inputs (``*_mask_mask.png``)."""
     inputs = root / f"in place {bundle}"
     if bundle == "brain_tumor_mri_segmentation":
-        make_synthetic_brats(str(inputs), num_cases=1, shape=(16, 16, 8), seed=5)
+        synthetic_brats.generate(str(inputs), num_cases=1, shape=(16, 16, 8), seed=5)
     elif bundle == "fetal_head_us_segmentation":
         inputs.mkdir()
         write_png(inputs / "001_HC.png", PICTURE)
@@ -288,7 +288,7 @@ def test_lung_ct_batch_with_bad_volumes(root):
 
 def test_brain_mri_batch_with_bad_cases(root):
     model = _random_model(root / "brats_model.pt", in_channels=4, out_channels=3)
-    inputs, outputs = Path(make_synthetic_brats(str(root / "brats in"), num_cases=5, shape=(16, 16, 8), seed=5)), root / "brats out"
+    inputs, outputs = Path(synthetic_brats.generate(str(root / "brats in"), num_cases=5, shape=(16, 16, 8), seed=5)), root / "brats out"
     (inputs / "name_mapping.csv").unlink()
     case = lambda n: inputs / f"BraTS20_Training_00{n}"  # noqa: E731
     (case(2) / "BraTS20_Training_002_t2.nii.gz").unlink()  # missing sequence

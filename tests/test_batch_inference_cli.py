@@ -21,8 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
+from custom_nets.data import synthetic_brats
 from custom_nets import AdaptiveCENet
-from custom_nets.data.synthetic_brats import make_synthetic_brats
 
 pytestmark = pytest.mark.slow
 
@@ -172,7 +172,7 @@ def test_lung_ct_csv_datalist_in_two_shards_merged_with_the_nodule_table(tmp_pat
 
 
 def test_brain_mri_json_datalist_of_case_folders(tmp_path):
-    inputs = Path(make_synthetic_brats(str(tmp_path / "brats"), num_cases=2, shape=(16, 16, 8), seed=5))
+    inputs = Path(synthetic_brats.generate(str(tmp_path / "brats"), num_cases=2, shape=(16, 16, 8), seed=5))
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"testing": [{"image": "brats/BraTS20_Training_002"}, {"image": "brats/BraTS20_Training_001"}]}))
     model = _model(tmp_path / "model.pt", 4, 3)

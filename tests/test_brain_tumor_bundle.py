@@ -102,9 +102,9 @@ def test_export_gives_torchscript_equal_to_eager(trained):
 
 @pytest.mark.slow
 def test_training_on_a_case_without_a_sequence_stops_with_one_line(tmp_path):
-    from custom_nets.data.synthetic_brats import make_synthetic_brats
+    from custom_nets.data import synthetic_brats
 
-    dataset = make_synthetic_brats(str(tmp_path / "data"), num_cases=3, shape=(16, 16, 8))
+    dataset = synthetic_brats.generate(str(tmp_path / "data"), num_cases=3, shape=(16, 16, 8))
     (tmp_path / "data" / "BraTS20_Training_002" / "BraTS20_Training_002_t2.nii.gz").unlink()
     result = monai_bundle("run", "training", "--config_file", CONFIGS / "train.json", "--bundle_root", tmp_path,
                           "--dataset_dir", dataset, *TINY, check=False)  # fmt: skip

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from custom_nets.data import brats, synthetic_brats
 from custom_nets.data.brats import (
     BRATS2013_LAYOUT,
     BraTSCaseError,
@@ -17,18 +18,16 @@ from custom_nets.data.brats import (
     ConvertBraTSLabelsToRegionsd,
     RobustBrainNormalized,
     brats_cases,
-    brats_datalist,
     region_masks,
     regions_to_labels,
     stack_case_sequences,
 )
-from custom_nets.data.synthetic_brats import make_synthetic_brats
 from custom_nets.data.volume_io import LoadVolumed, VolumeInputError
 
 
 @pytest.fixture(scope="module")
 def brats_dir(tmp_path_factory):
-    return make_synthetic_brats(str(tmp_path_factory.mktemp("brats")), num_cases=3, shape=(24, 24, 16), seed=1)
+    return synthetic_brats.generate(str(tmp_path_factory.mktemp("brats")), num_cases=3, shape=(24, 24, 16), seed=1)
 
 
 def test_brats2020_layout_lists_sequences_in_channel_order(brats_dir):
@@ -141,7 +140,7 @@ def test_real_sample_case_pipeline(shared_data):
 
 
 def test_datalist_split_of_the_real_sample_keeps_subjects_apart(shared_data, tmp_path):
-    splits = brats_datalist(shared_data / "brats2015", tmp_path / "datalist.json", subject_regex=r"^(.*pat\d+)", **BRATS2013_LAYOUT)
+    splits = brats.datalist(shared_data / "brats2015", tmp_path / "datalist.json", subject_regex=r"^(.*pat\d+)", **BRATS2013_LAYOUT)
     assert [len(splits[k]) for k in ("training", "validation", "test")] == [1, 1, 1]
     assert all(str(shared_data) in item["image"][0] for items in splits.values() for item in items)
 

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from _export_helpers import BUNDLES_DIR, copy_bundle, write_initial_checkpoint
+from custom_nets.data import synthetic_brats
 from custom_nets.data.brats import BRATS2013_LAYOUT, brats_case
-from custom_nets.data.synthetic_brats import make_synthetic_brats
 from custom_nets.data.synthetic_dicom import write_dicom_series
 from custom_nets.data.volume_io import dicom_series_files, read_volume
 
@@ -113,7 +113,7 @@ def test_writer_on_a_real_case_as_mr_series_with_its_expert_labels(shared_data, 
 def test_cli_on_a_dicom_case_writes_a_seg_equal_to_its_nifti_label_map(tmp_path):
     bundle = copy_bundle(BUNDLE, tmp_path / "bundle")
     write_initial_checkpoint(bundle)
-    nifti = Path(make_synthetic_brats(str(tmp_path / "nifti"), num_cases=1, shape=(48, 48, 12)))
+    nifti = Path(synthetic_brats.generate(str(tmp_path / "nifti"), num_cases=1, shape=(48, 48, 12)))
     (case_dir,) = sorted(p for p in nifti.iterdir() if p.is_dir())
     sequences = ("t1", "t1ce", "t2", "flair")
     volumes = {s: np.round(nib.load(case_dir / f"{case_dir.name}_{s}.nii.gz").get_fdata()).astype(np.int16) for s in sequences}

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from custom_nets.data import hc18
 from custom_nets.data.hc18 import (
     IMAGE_FOLDER,
     PIXEL_SIZE_CSV,
@@ -18,7 +19,6 @@ from custom_nets.data.hc18 import (
     fill_annotation,
     read_pixel_sizes,
     subject_of,
-    write_datalist,
 )
 from custom_nets.data.synthetic_hc18 import generate, generate_once, synthetic_case
 from custom_nets.errors import InputError
@@ -117,7 +117,7 @@ def test_fill_annotation_rejects_empty():
 
 
 def test_write_datalist_keeps_subjects_together(synthetic_dir, tmp_path):
-    datalist = write_datalist(synthetic_dir, tmp_path / "datalist.json", seed=0)
+    datalist = hc18.datalist(synthetic_dir, tmp_path / "datalist.json", seed=0)
     parts = {name: {item["subject"] for item in datalist[name]} for name in ("training", "validation", "test")}
     assert all(parts.values())
     assert not (parts["training"] & parts["validation"] or parts["training"] & parts["test"] or parts["validation"] & parts["test"])
@@ -131,26 +131,26 @@ def test_write_datalist_keeps_subjects_together(synthetic_dir, tmp_path):
 
 def test_write_datalist_is_written_once_and_reused(synthetic_dir, tmp_path):
     path = tmp_path / "datalist.json"
-    first = write_datalist(synthetic_dir, path, seed=0)
+    first = hc18.datalist(synthetic_dir, path, seed=0)
     stamp = path.stat().st_mtime_ns
-    assert write_datalist(synthetic_dir, path, seed=0) == first
+    assert hc18.datalist(synthetic_dir, path, seed=0) == first
     assert path.stat().st_mtime_ns == stamp
 
 
 def test_write_datalist_refuses_a_datalist_of_another_dataset(synthetic_dir, dataset_copy, tmp_path):
     path = tmp_path / "datalist.json"
-    write_datalist(synthetic_dir, path)
+    hc18.datalist(synthetic_dir, path)
     csv_path = dataset_copy / PIXEL_SIZE_CSV
     csv_path.write_text(csv_path.read_text().replace("001_HC.png,0.", "001_HC.png,0.0"))  # another dataset
     with pytest.raises(InputError, match="pixel_size_csv_sha1") as info:
-        write_datalist(dataset_copy, path)
+        hc18.datalist(dataset_copy, path)
     assert str(path) in str(info.value)
 
 
 def test_write_datalist_follows_a_moved_dataset(synthetic_dir, dataset_copy, tmp_path):
     path = tmp_path / "datalist.json"
-    first = write_datalist(synthetic_dir, path)
-    moved = write_datalist(dataset_copy, path)
+    first = hc18.datalist(synthetic_dir, path)
+    moved = hc18.datalist(dataset_copy, path)
     assert [Path(i["image"]).name for i in moved["test"]] == [Path(i["image"]).name for i in first["test"]]
     assert all(Path(i["image"]).resolve().is_relative_to(dataset_copy.resolve()) for i in moved["training"])
 
@@ -160,12 +160,12 @@ def test_write_datalist_needs_three_subjects(dataset_copy, tmp_path):
         if not path.name.startswith(("001_", "002_")):
             path.unlink()
     with pytest.raises(HC18DataError, match="at least 3 subjects, found 2"):
-        write_datalist(dataset_copy, tmp_path / "datalist.json")
+        hc18.datalist(dataset_copy, tmp_path / "datalist.json")
 
 
 def test_write_datalist_fills_outline_annotations(tmp_path):
     dataset = generate(str(tmp_path / "outlines"), num_images=4, height=72, width=96, annotation="outline")
-    datalist = write_datalist(dataset, tmp_path / "datalist.json")
+    datalist = hc18.datalist(dataset, tmp_path / "datalist.json")
     assert {i["annotation"] for part in datalist.values() for i in part} == {"outline"}
     item = datalist["training"][0]
     label = np.asarray(Image.open(item["label"])) > 0
@@ -204,7 +204,7 @@ def _drop_csv_row(dataset: Path) -> None:
 def test_write_datalist_bad_dataset_one_line_error_naming_file(dataset_copy, tmp_path, breakage, culprit, message):
     breakage(dataset_copy)
     with pytest.raises(HC18DataError, match=message) as info:
-        write_datalist(dataset_copy, tmp_path / "datalist.json")
+        hc18.datalist(dataset_copy, tmp_path / "datalist.json")
     assert culprit in str(info.value) and "\n" not in str(info.value)
     assert isinstance(info.value, InputError)
     assert not (tmp_path / "datalist.json").exists()
@@ -212,7 +212,7 @@ def test_write_datalist_bad_dataset_one_line_error_naming_file(dataset_copy, tmp
 
 def test_write_datalist_missing_dataset_dir(tmp_path):
     with pytest.raises(HC18DataError, match="dataset folder not found") as info:
-        write_datalist(tmp_path / "nowhere", tmp_path / "datalist.json")
+        hc18.datalist(tmp_path / "nowhere", tmp_path / "datalist.json")
     assert str(tmp_path / "nowhere") in str(info.value)
 
 
@@ -261,20 +261,19 @@ def test_a_palette_training_image_is_refused_naming_it(tmp_path):
     """The same 2D checks as inference: palette indices are not intensities."""
     from PIL import Image
 
-    from custom_nets.data.hc18 import IMAGE_FOLDER, write_datalist
     from custom_nets.data.synthetic_hc18 import generate
 
     dataset = Path(generate(str(tmp_path / "hc18"), num_images=4, height=64, width=64, seed=0))
     image = sorted((dataset / IMAGE_FOLDER).glob("*_HC.png"))[0]
     Image.open(image).convert("P").save(image)
     with pytest.raises(InputError, match=rf"{image}: palette"):
-        write_datalist(dataset, tmp_path / "datalist.json")
+        hc18.datalist(dataset, tmp_path / "datalist.json")
     assert not (tmp_path / "datalist.json").exists()
 
 
 def test_handoff_csv_snippet_of_the_monailabel_doc_makes_a_training_dataset(shared_data, repo_root, tmp_path):
     """docs/monailabel_slicer.md 6b, run as written on 6 real HC18 images whose labels are stored as MONAI Label
-    stores them (RGB, 0/1): write_datalist accepts its output, and the circumference it measures is HC18's."""
+    stores them (RGB, 0/1): hc18.datalist accepts its output, and the circumference it measures is HC18's."""
     import csv
     import re
 
@@ -292,7 +291,7 @@ def test_handoff_csv_snippet_of_the_monailabel_doc_makes_a_training_dataset(shar
     snippet = re.search(r"```python\n(.*?)```", doc[doc.index("### 6b."):], re.S).group(1)
     exec(re.sub(r"(?m)^   ", "", snippet).replace('"/data/', f'"{tmp_path}/data/'), {})
 
-    datalist = write_datalist(tmp_path / "data" / "hc18_round2", tmp_path / "datalist.json")
+    datalist = hc18.datalist(tmp_path / "data" / "hc18_round2", tmp_path / "datalist.json")
     items = [item for part in datalist.values() for item in part]
     assert sorted(Path(item["image"]).name for item in items) == names
     for item in items:

@@ -11,17 +11,17 @@ import sys
 import numpy as np
 import pytest
 
+from custom_nets.data import luna16, synthetic_luna16
 from custom_nets.data.luna16 import (
     NoduleAnnotationError,
     NoduleMaskd,
     luna16_cases,
-    luna16_datalist,
     nodule_mask,
     read_annotations,
     voxel_to_world,
     world_to_voxel,
 )
-from custom_nets.data.synthetic_luna16 import GEOMETRIES, make_synthetic_luna16
+from custom_nets.data.synthetic_luna16 import GEOMETRIES
 from custom_nets.data.volume_io import LoadVolumed
 from custom_nets.metrics.nodules import NODULE_TABLE_COLUMNS, nodule_table, write_nodule_csv
 
@@ -37,7 +37,7 @@ OBLIQUE = np.array(
 @pytest.fixture(scope="module")
 def luna_dir(tmp_path_factory):
     # one scan per geometry (identity, flipped, oblique) with nodules, and a fourth without any
-    return make_synthetic_luna16(str(tmp_path_factory.mktemp("luna16")), num_cases=4, shape=(64, 64, 24), seed=2)
+    return synthetic_luna16.generate(str(tmp_path_factory.mktemp("luna16")), num_cases=4, shape=(64, 64, 24), seed=2)
 
 
 @pytest.mark.parametrize("case_index", range(len(GEOMETRIES)))
@@ -136,7 +136,7 @@ def test_cases_with_or_without_negative_scans(luna_dir, include_negative, expect
 
 
 def test_datalist_keeps_nodules_and_resolves_paths(luna_dir, tmp_path):
-    splits = luna16_datalist(luna_dir, tmp_path / "datalist.json")
+    splits = luna16.datalist(luna_dir, tmp_path / "datalist.json")
     items = [item for split in splits.values() for item in split]
     assert sorted(item["case"] for item in items) == sorted(item["case"] for item in luna16_cases(luna_dir))
     assert all(item["image"].startswith(str(luna_dir)) for item in items)

@@ -145,9 +145,9 @@ def test_export_gives_torchscript_equal_to_eager(trained):
 
 @pytest.mark.slow
 def test_training_with_an_annotation_outside_its_scan_stops_with_one_line(tmp_path):
-    from custom_nets.data.synthetic_luna16 import make_synthetic_luna16
+    from custom_nets.data import synthetic_luna16
 
-    dataset = Path(make_synthetic_luna16(str(tmp_path / "data"), num_cases=3, shape=(24, 24, 8), nodules_per_case=1))
+    dataset = Path(synthetic_luna16.generate(str(tmp_path / "data"), num_cases=3, shape=(24, 24, 8), nodules_per_case=1))
     rows = (dataset / "annotations.csv").read_text().splitlines()
     uid = rows[1].split(",")[0]
     (dataset / "annotations.csv").write_text("\n".join([rows[0], f"{uid},900.0,900.0,900.0,5.0", *rows[2:]]) + "\n")

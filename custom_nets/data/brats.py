@@ -52,7 +52,7 @@ __all__ = [
     "brats_cases",
     "check_label_values",
     "check_case_volumes",
-    "brats_datalist",
+    "datalist",
     "BRATS_LAYOUTS",
     "stack_case_sequences",
     "brats_studies_command",
@@ -256,7 +256,7 @@ def check_case_volumes(
         check_label_values(item["label"], label_convention, case)
 
 
-def brats_datalist(
+def datalist(
     dataset_dir: str | os.PathLike,
     datalist_file: str | os.PathLike,
     sequences: Sequence[str] = BRATS2020_LAYOUT["sequences"],
@@ -289,7 +289,7 @@ def brats_datalist(
 
     Example::
 
-        splits = brats_datalist("MICCAI_BraTS2020_TrainingData", "datalist.json", label_convention="brats2020")
+        splits = datalist("MICCAI_BraTS2020_TrainingData", "datalist.json", label_convention="brats2020")
         splits["training"][0]  # {"case": "BraTS20_Training_001", "image": [...4 paths], "label": ...}
     """
     pattern = re.compile(subject_regex) if subject_regex else None

@@ -8,7 +8,7 @@ HC18 (van den Heuvel et al., PLoS ONE 2018; Zenodo 10.5281/zenodo.1327317, CC BY
                                                         or a filled ellipse (our sample)
     <dataset_dir>/training_set_pixel_size_and_HC.csv    filename, pixel size (mm), head circumference (mm)
 
-:func:`write_datalist` checks every case once (readable image and annotation, equal sizes, a CSV
+:func:`datalist` checks every case once (readable image and annotation, equal sizes, a CSV
 row), writes each annotation as a filled single-channel 0/1 PNG (filling outlines), splits the
 subjects 70/20/10 with a fixed seed and writes a datalist JSON that later runs reuse. Problems are
 raised as :class:`HC18DataError`, one line that names the file.
@@ -45,7 +45,7 @@ __all__ = [
     "subject_of",
     "read_pixel_sizes",
     "fill_annotation",
-    "write_datalist",
+    "datalist",
 ]
 
 logger = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ def _scan_cases(dataset_dir: Path, labels_dir: Path) -> list[dict[str, Any]]:
     return items
 
 
-def write_datalist(
+def datalist(
     dataset_dir: str | os.PathLike,
     datalist_file: str | os.PathLike,
     seed: int = 0,
@@ -278,14 +278,14 @@ def write_datalist(
 
     Example::
 
-        datalist = write_datalist("/data/hc18", "eval/datalist.json", seed=0)
-        len(datalist["training"]), datalist["test"][0]["pixel_size_mm"]
+        splits = datalist("/data/hc18", "eval/datalist.json", seed=0)
+        len(splits["training"]), splits["test"][0]["pixel_size_mm"]
     """
     dataset_dir = Path(dataset_dir).expanduser().resolve()
     datalist_file = Path(datalist_file).expanduser().resolve()
     labels_dir = Path(labels_dir).resolve() if labels_dir is not None else datalist_file.parent / "labels"
     _, csv_path = _check_layout(dataset_dir)
-    datalist = load_or_create_datalist(
+    splits = load_or_create_datalist(
         datalist_file,
         dataset_dir,
         make_items=lambda: _scan_cases(dataset_dir, labels_dir),
@@ -295,7 +295,7 @@ def write_datalist(
         seed=seed,
         settings={"layout": "hc18", "pixel_size_csv_sha1": hashlib.sha1(csv_path.read_bytes()).hexdigest()},
     )
-    for item in (i for part in datalist.values() for i in part):
+    for item in (i for part in splits.values() for i in part):
         if not os.path.isfile(item["label"]):
             raise HC18DataError(f"{datalist_file}: lists {item['label']}, which no longer exists; delete the datalist to write it again")
-    return datalist
+    return splits

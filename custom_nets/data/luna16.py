@@ -34,7 +34,7 @@ __all__ = [
     "NoduleAnnotationError",
     "read_annotations",
     "luna16_cases",
-    "luna16_datalist",
+    "datalist",
     "world_to_voxel",
     "voxel_to_world",
     "nodule_mask",
@@ -117,7 +117,7 @@ def luna16_cases(
     return [item for item in items if include_negative or item["nodules"]]
 
 
-def luna16_datalist(
+def datalist(
     dataset_dir: str | os.PathLike,
     datalist_file: str | os.PathLike,
     annotations_file: str = "annotations.csv",
@@ -133,7 +133,7 @@ def luna16_datalist(
 
     Example::
 
-        splits = luna16_datalist("/data/LUNA16", "datalist.json")
+        splits = datalist("/data/LUNA16", "datalist.json")
         splits["training"][0]  # {"case": "1.3.6...", "image": ".../subset0/1.3.6....mhd", "nodules": [[x, y, z, d]]}
     """
     return load_or_create_datalist(

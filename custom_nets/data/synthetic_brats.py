@@ -25,7 +25,7 @@ import numpy as np
 from custom_nets.data import synthetic
 from custom_nets.data.atomic_write import atomic_path, write_text_atomic
 
-__all__ = ["TISSUE_CONTRAST", "MARKER_FILE", "make_synthetic_brats", "generate_once"]
+__all__ = ["TISSUE_CONTRAST", "MARKER_FILE", "generate", "generate_once"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def _save(image: nib.Nifti1Image, path: Path) -> None:
         nib.save(image, os.fspath(tmp))
 
 
-def make_synthetic_brats(
+def generate(
     output_dir: str,
     num_cases: int = 10,
     shape: Sequence[int] = (64, 64, 40),
@@ -68,7 +68,7 @@ def make_synthetic_brats(
 
     Example::
 
-        make_synthetic_brats("/tmp/brats", num_cases=3, shape=(48, 48, 32))
+        generate("/tmp/brats", num_cases=3, shape=(48, 48, 32))
     """
     rng = np.random.default_rng(seed)
     out = Path(output_dir)
@@ -109,15 +109,15 @@ def make_synthetic_brats(
 
 def generate_once(output_dir: str, **kwargs) -> str:
     """
-    :func:`make_synthetic_brats` unless ``output_dir`` already holds a complete dataset (its
+    :func:`generate` unless ``output_dir`` already holds a complete dataset (its
     :data:`MARKER_FILE`, written last, is there); returns ``output_dir``. The brain MRI bundle calls this
     for its default dataset, so its commands run on a fresh machine without a download.
     """
-    return synthetic.generate_once(output_dir, MARKER_FILE, make_synthetic_brats, "BraTS", **kwargs)
+    return synthetic.generate_once(output_dir, MARKER_FILE, generate, "BraTS", **kwargs)
 
 
 if __name__ == "__main__":
     import fire
 
     logging.basicConfig(level=logging.INFO)
-    fire.Fire(make_synthetic_brats)
+    fire.Fire(generate)

@@ -28,7 +28,7 @@ import numpy as np
 from custom_nets.data import synthetic
 from custom_nets.data.atomic_write import atomic_path
 
-__all__ = ["GEOMETRIES", "make_synthetic_luna16", "generate_once"]
+__all__ = ["GEOMETRIES", "generate", "generate_once"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _ellipsoid(grid: Sequence[np.ndarray], centre: Sequence[float], radii: Seque
     return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0
 
 
-def make_synthetic_luna16(
+def generate(
     output_dir: str,
     num_cases: int = 10,
     shape: Sequence[int] = (96, 96, 40),
@@ -74,7 +74,7 @@ def make_synthetic_luna16(
 
     Example::
 
-        make_synthetic_luna16("/tmp/luna16", num_cases=3, shape=(64, 64, 24))
+        generate("/tmp/luna16", num_cases=3, shape=(64, 64, 24))
     """
     import itk
 
@@ -133,15 +133,15 @@ def make_synthetic_luna16(
 
 def generate_once(output_dir: str, **kwargs) -> str:
     """
-    :func:`make_synthetic_luna16` unless ``output_dir`` already holds a complete dataset
+    :func:`generate` unless ``output_dir`` already holds a complete dataset
     (``annotations.csv``, written last, is there); returns ``output_dir``. The lung CT bundle calls this
     for its default dataset, so its commands run on a fresh machine without a download.
     """
-    return synthetic.generate_once(output_dir, "annotations.csv", make_synthetic_luna16, "LUNA16", **kwargs)
+    return synthetic.generate_once(output_dir, "annotations.csv", generate, "LUNA16", **kwargs)
 
 
 if __name__ == "__main__":
     import fire
 
     logging.basicConfig(level=logging.INFO)
-    fire.Fire(make_synthetic_luna16)
+    fire.Fire(generate)
