@@ -40,7 +40,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -50,6 +49,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from custom_nets.atomic_write import atomic_path, write_text_atomic
 from custom_nets.deploy.onnx_runtime import onnxruntime_forward_for
 from custom_nets.engines.fast_path import choose_precision, cpu_info
 from custom_nets.errors import InputError
@@ -733,21 +733,9 @@ def plot(report: dict, path: Path) -> None:
     machine = report["machine"]
     fig.suptitle(f"{machine['cpu']}, torch {machine['torch']}, {machine['torch_threads']} CPU threads", fontsize=9)
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-
-
-def _atomic_write(path: Path, write: Callable, binary: bool = False) -> None:
-    """Write through a temporary file in the same folder and ``os.replace`` it: never a half-written result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _csv(kind: Callable) -> Callable[[str], list]:
@@ -833,7 +821,7 @@ def main(argv: list[str] | None = None) -> None:
     text = format_report(report)
     print("\n" + text)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(args.output_dir / "latency.json", lambda f: json.dump(report, f, indent=2))
+    write_text_atomic(args.output_dir / "latency.json", json.dumps(report, indent=2))
     plot(report, args.output_dir / "latency.png")
     print(f"\nwrote {args.output_dir / 'latency.json'} and {args.output_dir / 'latency.png'}")
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
+from custom_nets.atomic_write import atomic_path
 from custom_nets.data import brats, hc18, synthetic_brats
-from custom_nets.data.atomic_write import atomic_path
 from custom_nets.data.brats import BraTSCaseError, ConvertBraTSLabelsToRegionsd
 from custom_nets.data.hc18 import IMAGE_FOLDER, HC18DataError
 from custom_nets.data.image2d import Image2DReader, check_image_2d

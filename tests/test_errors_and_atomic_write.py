@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from custom_nets.data.atomic_write import atomic_path, write_csv_atomic
+from custom_nets.atomic_write import atomic_path, write_csv_atomic
 from custom_nets import errors
 from custom_nets.errors import InputError, input_error_in
 

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from custom_nets.data.atomic_write import atomic_path
+from custom_nets.atomic_write import atomic_path
 from custom_nets.data.image2d import ImageInputError, check_image_2d
 from custom_nets.data.splits import load_or_create_datalist
 from custom_nets.errors import InputError

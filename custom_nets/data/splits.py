@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from custom_nets.data.atomic_write import write_json_atomic
+from custom_nets.atomic_write import write_json_atomic
 from custom_nets.errors import InputError
 
 __all__ = ["DATALIST_FORMAT", "SPLIT_KEYS", "split_subjects", "load_or_create_datalist", "require_training_cases"]

@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 
 from custom_nets.data import synthetic
-from custom_nets.data.atomic_write import atomic_path, write_text_atomic
+from custom_nets.atomic_write import atomic_path, write_text_atomic
 
 __all__ = ["TISSUE_CONTRAST", "MARKER_FILE", "generate", "generate_once"]
 

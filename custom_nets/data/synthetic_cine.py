@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from custom_nets.data.atomic_write import atomic_path
+from custom_nets.atomic_write import atomic_path
 from custom_nets.ellipse import Ellipse
 
 __all__ = ["cine_ellipses", "render_frame", "synthetic_cine", "write_frames", "write_multiframe_dicom", "write_video", "main"]

@@ -18,7 +18,7 @@ from PIL import Image
 from scipy import ndimage
 
 from custom_nets.data import synthetic
-from custom_nets.data.atomic_write import atomic_path, write_csv_atomic
+from custom_nets.atomic_write import atomic_path, write_csv_atomic
 from custom_nets.data.hc18 import ANNOTATION_SUFFIX, IMAGE_FOLDER, PIXEL_SIZE_CSV
 from custom_nets.ellipse import Ellipse, ellipse_perimeter
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from custom_nets.data import synthetic
-from custom_nets.data.atomic_write import atomic_path
+from custom_nets.atomic_write import atomic_path
 
 __all__ = ["GEOMETRIES", "generate", "generate_once"]
 

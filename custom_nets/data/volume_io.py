@@ -37,7 +37,7 @@ from monai.config import KeysCollection
 from monai.data import ITKReader, MetaTensor, NibabelReader
 from monai.transforms import LoadImage, MapTransform
 
-from custom_nets.data.atomic_write import atomic_path
+from custom_nets.atomic_write import atomic_path
 from custom_nets.errors import InputError, describe_error
 
 __all__ = [

@@ -16,7 +16,7 @@ from monai.data.image_writer import resolve_writer
 from monai.transforms import EnsureChannelFirst, LoadImage
 from PIL import Image
 
-from custom_nets.data.atomic_write import atomic_path
+from custom_nets.atomic_write import atomic_path
 from custom_nets.data.image2d import Image2DReader
 
 __all__ = ["OUTPUT_SUFFIX", "split_suffix", "MaskWriter", "OverlayWriter"]

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from custom_nets.data.atomic_write import atomic_path
+from custom_nets.atomic_write import atomic_path
 from custom_nets.data.image2d import DICOM_SUFFIXES
 from custom_nets.data.volume_io import dicom_series_files
 from custom_nets.engines.case_writers import split_suffix

@@ -30,7 +30,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer
 
-from custom_nets.data.atomic_write import write_csv_atomic
+from custom_nets.atomic_write import write_csv_atomic
 from custom_nets.engines.resume import CaseJournal, case_complete, input_id, journal_row
 from custom_nets.engines.output_guards import TableSpaceReserve, output_folder_lock
 from custom_nets.engines.scaleout import Shard, barrier, merge_shard_tables, merge_side_tables, parse_shard

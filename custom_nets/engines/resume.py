@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from custom_nets.data.atomic_write import _csv_cell, write_text_atomic
+from custom_nets.atomic_write import _csv_cell, write_text_atomic
 
 __all__ = ["FILE_COLUMNS", "input_id", "journal_row", "CaseJournal", "case_complete"]
 

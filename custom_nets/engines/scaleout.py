@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from custom_nets.data.atomic_write import write_csv_atomic
+from custom_nets.atomic_write import write_csv_atomic
 from custom_nets.engines.resume import CaseJournal
 from custom_nets.errors import InputError
 
@@ -146,7 +146,7 @@ def merge_case_tables(table: str | os.PathLike, count: int, inputs: Sequence[str
     """
     import csv
 
-    from custom_nets.data.atomic_write import write_text_atomic
+    from custom_nets.atomic_write import write_text_atomic
     from custom_nets.data.volume_io import case_name
 
     table = Path(table)

@@ -48,7 +48,7 @@ from monai.data.image_reader import ImageReader, PILReader
 from monai.transforms import LoadImaged
 from PIL import Image, ImageDraw
 
-from custom_nets.data.atomic_write import atomic_path, write_csv_atomic, write_json_atomic
+from custom_nets.atomic_write import atomic_path, write_csv_atomic, write_json_atomic
 # the picture modes and DICOM decoding of the 2D bundles: one definition for folder and stream
 from custom_nets.data.image2d import _PIL_MODES, check_dicom_photometric, decode_dicom_frame, dicom_pixel_size
 from custom_nets.engines.folder_inference import check_output_dir, one_line_error

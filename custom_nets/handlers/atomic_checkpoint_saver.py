@@ -10,7 +10,7 @@ import torch
 from monai.handlers import CheckpointSaver
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from custom_nets.data.atomic_write import atomic_path, remove_leftovers
+from custom_nets.atomic_write import atomic_path, remove_leftovers
 
 DiskSaver, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "DiskSaver", as_type="base")
 idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from monai.metrics import ConfusionMatrixMetric, compute_confusion_matrix_metric
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from custom_nets.data.atomic_write import write_csv_atomic, write_json_atomic
+from custom_nets.atomic_write import write_csv_atomic, write_json_atomic
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from custom_nets.data.atomic_write import atomic_path, remove_leftovers
+from custom_nets.atomic_write import atomic_path, remove_leftovers
 from custom_nets.errors import InputError, describe_error
 from custom_nets.networks.utils import load_checkpoint
 from custom_nets.tracking.params import find_attached

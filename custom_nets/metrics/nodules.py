@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from custom_nets.data.atomic_write import atomic_path
+from custom_nets.atomic_write import atomic_path
 from custom_nets.data.luna16 import voxel_to_world
 
 __all__ = ["NODULE_TABLE_COLUMNS", "nodule_table", "write_nodule_csv"]

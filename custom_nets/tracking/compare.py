@@ -12,11 +12,11 @@ import csv
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from custom_nets.atomic_write import atomic_path
 from custom_nets.errors import InputError
 from custom_nets.tracking.params import TrackingUnreachableError, check_tracking_uri
 
@@ -205,11 +205,10 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def _write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
     columns = _columns(rows)
-    with tempfile.NamedTemporaryFile("w", newline="", dir=path.parent, suffix=".csv.tmp", delete=False) as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(f.name, path)
 
 
 def _plot(
@@ -232,10 +231,9 @@ def _plot(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def compare_command(

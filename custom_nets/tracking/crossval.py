@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from custom_nets.data.atomic_write import write_csv_atomic, write_json_atomic, write_text_atomic
+from custom_nets.atomic_write import write_csv_atomic, write_json_atomic, write_text_atomic
 from custom_nets.errors import InputError
 from custom_nets.tracking.architectures import NETWORKS, _cli_value, _epochs_key, _run_ids, network_def_for
 from custom_nets.tracking.params import TrackingUnreachableError, open_tracking_store

@@ -1,4 +1,11 @@
-"""Write a file so that readers only ever see the old file or the complete new one, never a partial one."""
+"""
+Write a file so that readers only ever see the old file or the complete new one, never a partial one.
+
+The project's one atomic writer: masks, tables, datalists, checkpoints (:mod:`custom_nets.checkpoints`),
+benchmark reports and comparison plots all go through :func:`atomic_path`, so every temporary file has
+the same name pattern (``.<name>.*.tmp*``, which :func:`remove_leftovers` clears) and the mode a plain
+``open()`` would give.
+"""
 
 from __future__ import annotations
 
