@@ -115,7 +115,7 @@ def check_checkpoint(ckpt: Path) -> None:
     Raises:
         InputError: one line naming the file and the problem.
     """
-    from custom_nets.networks.utils import load_checkpoint
+    from custom_nets.checkpoints import load_checkpoint
 
     parser = ConfigParser()
     parser.read_config(str(FETAL_BUNDLE / "configs" / "inference.json"))

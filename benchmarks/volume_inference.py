@@ -129,7 +129,7 @@ def run_one(kind: str, bundle_root: str, input_dir: str, output_dir: str, precis
     from custom_nets.data.volume_io import check_volume_input, list_volume_inputs
     from custom_nets.engines.fast_path import PrecisionUnavailableError
     from custom_nets.errors import exception_chain
-    from custom_nets.networks.utils import load_checkpoint
+    from custom_nets.checkpoints import load_checkpoint
 
     parser = ConfigParser()
     parser.read_config(str(BUNDLES[kind] / "configs" / "inference.json"))

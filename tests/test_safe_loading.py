@@ -1,6 +1,6 @@
 """
 Checkpoints are read with ``weights_only=True`` through one function,
-:func:`custom_nets.networks.utils.load_checkpoint`: a file crafted to run code when unpickled is refused
+:func:`custom_nets.checkpoints.load_checkpoint`: a file crafted to run code when unpickled is refused
 (and nothing runs), a damaged or foreign file gives one line naming it, and the bundles' real
 ``python -m monai.bundle`` CLI stops on such a ``models/model.pt`` with that line and writes nothing.
 """
@@ -19,7 +19,7 @@ import torch
 
 from _export_helpers import HANDOFF_CASES, REPO_ROOT, copy_bundle, run_cli
 from custom_nets.errors import InputError
-from custom_nets.networks.utils import CheckpointNotFoundError, load_checkpoint
+from custom_nets.checkpoints import CheckpointNotFoundError, load_checkpoint
 
 
 class _TouchesMarker:

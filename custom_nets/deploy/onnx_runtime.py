@@ -28,8 +28,8 @@ from monai.networks.utils import convert_to_onnx
 from monai.utils import optional_import
 from torch import nn
 
+from custom_nets.checkpoints import load_checkpoint
 from custom_nets.deploy.onnx_network import OnnxNetwork
-from custom_nets.networks.utils import load_checkpoint
 
 __all__ = ["ONNX_EXTRA_HINT", "OnnxRuntimeForward", "onnxruntime_forward_for"]
 

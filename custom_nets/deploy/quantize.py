@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
+from custom_nets.checkpoints import load_checkpoint
 from custom_nets.errors import InputError
-from custom_nets.networks.utils import load_checkpoint
 
 __all__ = ["INT8_MODEL", "QuantizationError", "calibration_inputs", "export_onnx", "quantize_bundle", "sha256_of"]
 

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from custom_nets.checkpoints import load_checkpoint
 from custom_nets.flags import as_flag
-from custom_nets.networks.utils import load_checkpoint
 
 __all__ = ["ProbabilityAverage", "probability_average"]
 

@@ -6,11 +6,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from monai.handlers import CheckpointSaver
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from custom_nets.atomic_write import atomic_path, remove_leftovers
+from custom_nets.atomic_write import remove_leftovers
+from custom_nets.checkpoints import save_checkpoint
 
 DiskSaver, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "DiskSaver", as_type="base")
 idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
@@ -20,8 +20,9 @@ __all__ = ["AtomicCheckpointSaver"]
 
 class _AtomicDiskSaver(DiskSaver):
     """
-    Ignite's ``DiskSaver`` with MONAI's fixed file name, writing through :func:`atomic_path`. A fixed-name file
-    is not removed before the next save (the save replaces it), and removing a file that is gone is no error.
+    Ignite's ``DiskSaver`` with MONAI's fixed file name, writing through :func:`custom_nets.checkpoints.save_checkpoint`.
+    A fixed-name file is not removed before the next save (the save replaces it), and removing a file that is
+    gone is no error.
     """
 
     def __init__(self, dirname: str | Path, filename: str | None = None) -> None:
@@ -32,8 +33,7 @@ class _AtomicDiskSaver(DiskSaver):
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         if idist.get_rank() == self.save_on_rank:
-            with atomic_path(Path(self.dirname) / (self.filename or filename)) as tmp:
-                torch.save(checkpoint, tmp)
+            save_checkpoint(checkpoint, Path(self.dirname) / (self.filename or filename))
 
     def remove(self, filename: str) -> None:
         # MONAI's saver deletes model.pt and then writes it in place: a kill in between left no model.pt,

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from custom_nets.atomic_write import atomic_path, remove_leftovers
+from custom_nets.atomic_write import remove_leftovers
+from custom_nets.checkpoints import load_checkpoint, save_checkpoint
 from custom_nets.errors import InputError, describe_error
-from custom_nets.networks.utils import load_checkpoint
 from custom_nets.tracking.params import find_attached
 from custom_nets.tracking.resumed_run import BufferedIterationLog, open_training_run
 
@@ -361,8 +361,7 @@ class TrainingCheckpoint:
         if idist.get_rank() > 0:
             return
         content = self.checkpoint(engine)
-        with atomic_path(self.checkpoint_file) as tmp:
-            torch.save(content, tmp)
+        save_checkpoint(content, self.checkpoint_file)
         self.logger.debug(f"epoch {engine.state.epoch}: training state saved to {self.checkpoint_file}")
         if log_iterations:
             self._flush_iteration_logs()
