@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 from monai.data.image_reader import ImageReader
 
+from custom_nets.data.formats import DICOM_SUFFIXES, NIFTI_SUFFIXES, PICTURE_SUFFIXES
 from custom_nets.errors import InputError, describe_error
 
 __all__ = [
     "ImageInputError",
-    "PICTURE_SUFFIXES",
     "DICOM_PHOTOMETRICS",
     "MIN_SIDE",
     "MAX_PIXELS",
@@ -45,10 +45,6 @@ __all__ = [
     "dicom_pixel_size",
     "Image2DReader",
 ]
-
-#: Suffixes read with PIL; the rest of ``IMAGE_SUFFIXES`` are NIfTI and DICOM.
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-DICOM_SUFFIXES = (".dcm", ".dicom")
 
 #: DICOM photometric interpretations read: gray, colour (to RGB by pydicom), palette with its table (to RGB).
 DICOM_PHOTOMETRICS = ("MONOCHROME2", "MONOCHROME1", "RGB", "YBR_FULL", "YBR_FULL_422", "PALETTE COLOR")
@@ -269,7 +265,7 @@ def check_image_2d(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Pat
     name = path.name.lower()
     if name.endswith(PICTURE_SUFFIXES):
         size = _check_picture(path, max_pixels)
-    elif name.endswith((".nii", ".nii.gz")):
+    elif name.endswith(NIFTI_SUFFIXES):
         size = _check_nifti(path, max_pixels)
     elif name.endswith(DICOM_SUFFIXES):
         size = _check_dicom(path, max_pixels)

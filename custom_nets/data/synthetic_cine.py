@@ -20,6 +20,7 @@ from PIL import Image
 from scipy import ndimage
 
 from custom_nets.atomic_write import atomic_path
+from custom_nets.data.formats import DICOM_SUFFIXES, VIDEO_SUFFIXES
 from custom_nets.ellipse import Ellipse
 
 __all__ = ["cine_ellipses", "render_frame", "synthetic_cine", "write_frames", "write_multiframe_dicom", "write_video", "main"]
@@ -220,9 +221,9 @@ def main(output: str, num_frames: int = 30, height: int = 270, width: int = 400,
     """
     frames, _, _ = synthetic_cine(num_frames, height, width, seed)
     suffix = Path(output).suffix.lower()
-    if suffix in (".dcm", ".dicom"):
+    if suffix in DICOM_SUFFIXES:
         return write_multiframe_dicom(frames, output, pixel_size_mm=pixel_size_mm)
-    if suffix in (".mp4", ".avi", ".mov", ".mkv"):
+    if suffix in VIDEO_SUFFIXES:
         return write_video(frames, output)
     write_frames(frames, output)
     return output

@@ -38,11 +38,11 @@ from monai.data import ITKReader, MetaTensor, NibabelReader
 from monai.transforms import LoadImage, MapTransform
 
 from custom_nets.atomic_write import atomic_path
+from custom_nets.data.formats import DICOM_SERIES_FILE_SUFFIXES, METAIMAGE_DATA_SUFFIXES, METAIMAGE_SUFFIXES, VOLUME_SUFFIXES
 from custom_nets.errors import InputError, describe_error
 
 __all__ = [
     "VolumeInputError",
-    "VOLUME_SUFFIXES",
     "GRID_AFFINE_TOLERANCE",
     "volume_format",
     "case_name",
@@ -60,13 +60,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: File suffixes read as one volume each, by format.
-VOLUME_SUFFIXES: dict[str, tuple[str, ...]] = {
-    "nifti": (".nii.gz", ".nii"),
-    "nrrd": (".nrrd", ".nhdr"),
-    "metaimage": (".mhd", ".mha"),
-}
 
 # MetaImage element types and their sizes in bytes, to check a data file's length without reading it.
 _MET_TYPE_BYTES = {
@@ -87,9 +80,6 @@ _NRRD_TYPE_BYTES = {
 
 # DICOM tag keys ("0010|0010") as ITK names them: dropped from metadata so no identifier travels on.
 _DICOM_TAG_KEY = re.compile(r"^[0-9a-fA-F]{4}\|[0-9a-fA-F]{4}$")
-
-# A file with one of these suffixes in a series folder that pydicom cannot parse is a corrupt slice, not a stray file.
-_DICOM_FILE_SUFFIXES = (".dcm", ".dicom", ".ima")
 
 # Uncompressed transfer syntaxes, whose pixel data length is rows x columns x samples x bytes per sample.
 _UNCOMPRESSED_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
@@ -172,7 +162,7 @@ def list_volume_inputs(input_dir: str | os.PathLike) -> list[Path]:
     for p in sorted(input_dir.iterdir()):
         if not p.name.startswith(".") and (p.is_dir() or p.name.lower().endswith(suffixes)):
             cases.append(p)
-        elif p.suffix.lower() not in (".raw", ".zraw"):
+        elif p.suffix.lower() not in METAIMAGE_DATA_SUFFIXES:
             skipped.append(p.name)
     if skipped:
         logger.info("%s: skipped %d entry(ies) that are not volumes: %s", input_dir, len(skipped), ", ".join(skipped))
@@ -214,7 +204,7 @@ def dicom_series_files(folder: str | os.PathLike, spacing_tolerance: float = 0.0
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
         except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as e:
-            if path.suffix.lower() in _DICOM_FILE_SUFFIXES or _starts_like_dicom(path):
+            if path.suffix.lower() in DICOM_SERIES_FILE_SUFFIXES or _starts_like_dicom(path):
                 reason = "no DICOM header" if isinstance(e, InvalidDicomError) else describe_error(e)
                 raise _fail(case, f"corrupt DICOM file {path.name} ({reason})") from None
             continue  # not DICOM: a stray file, not part of a series
@@ -329,7 +319,7 @@ def check_metaimage(path: str | os.PathLike) -> None:
     path = Path(path)
     case = case_name(path)
     suffix = path.suffix.lower()
-    if suffix not in (".mhd", ".mha"):
+    if suffix not in METAIMAGE_SUFFIXES:
         return
     fields: dict[str, str] = {}
     try:

@@ -31,6 +31,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer
 
 from custom_nets.atomic_write import write_csv_atomic
+from custom_nets.data.formats import IMAGE_SUFFIXES
 from custom_nets.engines.resume import CaseJournal, case_complete, input_id, journal_row
 from custom_nets.engines.output_guards import TableSpaceReserve, output_folder_lock
 from custom_nets.engines.scaleout import Shard, barrier, merge_shard_tables, merge_side_tables, parse_shard
@@ -38,15 +39,12 @@ from custom_nets.errors import InputError, disk_full_error, exception_chain
 from custom_nets.flags import as_flag
 from custom_nets.tracking.progress import LoopProgress
 
-__all__ = ["IMAGE_SUFFIXES", "list_images", "check_output_dir", "one_line_error", "FolderInference"]
+__all__ = ["list_images", "check_output_dir", "one_line_error", "FolderInference"]
 
 logger = logging.getLogger(__name__)
 
 # MONAI's wrapper of transform errors: "applying transform <monai.transforms.io.dictionary.LoadImaged object at 0x..>"
 _MONAI_TRANSFORM = re.compile(r"applying transform <[\w.]*?\.(\w+) object")
-
-#: File suffixes read as images by default: 2D formats, NIfTI and DICOM files.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".dcm", ".dicom")
 
 
 def list_images(

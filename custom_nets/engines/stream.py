@@ -49,6 +49,7 @@ from monai.transforms import LoadImaged
 from PIL import Image, ImageDraw
 
 from custom_nets.atomic_write import atomic_path, write_csv_atomic, write_json_atomic
+from custom_nets.data.formats import DICOM_SUFFIXES, FRAME_SUFFIXES, VIDEO_SUFFIXES
 # the picture modes and DICOM decoding of the 2D bundles: one definition for folder and stream
 from custom_nets.data.image2d import _PIL_MODES, check_dicom_photometric, decode_dicom_frame, dicom_pixel_size
 from custom_nets.engines.folder_inference import check_output_dir, one_line_error
@@ -56,8 +57,6 @@ from custom_nets.errors import InputError, describe_error, input_error_in
 from custom_nets.flags import as_flag, env_flag
 
 __all__ = [
-    "FRAME_SUFFIXES",
-    "VIDEO_SUFFIXES",
     "VideoUnavailableError",
     "Frame",
     "FrameSource",
@@ -75,9 +74,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv")
-DICOM_SUFFIXES = (".dcm", ".dicom")
 RESULTS_CSV = "head_circumference_frames.csv"
 SUMMARY_JSON = "stream_summary.json"
 

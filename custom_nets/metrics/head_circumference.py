@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from custom_nets.data.formats import DICOM_SUFFIXES, GEOMETRY_SUFFIXES, NIFTI_SUFFIXES
 from custom_nets.ellipse import Ellipse, ellipse_perimeter, fit_ellipse, fit_ellipse_robust
 
 __all__ = [
@@ -95,17 +96,15 @@ def head_circumference_mm(
     return ellipse_perimeter(max(ellipse.semi_major - offset, 0.0), max(ellipse.semi_minor - offset, 0.0))
 
 
-# Image formats whose files carry the pixel size (MONAI readers put it into the affine).
-_GEOMETRY_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".dicom", ".nrrd", ".mha", ".mhd")
 _NO_PIXEL_SIZE = "no pixel size: the image file carries none and no pixel-size CSV row names it"
 
 
 def _spacing_from_image(meta: Mapping[str, Any], filename: str) -> tuple[float, float] | None:
     """Pixel size along array axes 0 and 1 from the image file's own geometry, or None (PNG/JPEG carry none)."""
     name = filename.lower()
-    if not name.endswith(_GEOMETRY_SUFFIXES) or _invalid_nifti_pixel_size(filename):
+    if not name.endswith(GEOMETRY_SUFFIXES) or _invalid_nifti_pixel_size(filename):
         return None
-    if name.endswith((".dcm", ".dicom")):  # the header: a DICOM without a pixel size gets 1 mm in the affine
+    if name.endswith(DICOM_SUFFIXES):  # the header: a DICOM without a pixel size gets 1 mm in the affine
         import pydicom
 
         from custom_nets.data.image2d import dicom_pixel_size
@@ -129,7 +128,7 @@ def _invalid_nifti_pixel_size(path: str) -> str | None:
     """
     import nibabel as nib
 
-    if not path.lower().endswith((".nii", ".nii.gz")):
+    if not path.lower().endswith(NIFTI_SUFFIXES):
         return None
     try:
         header_class = type(nib.load(path).header)  # NIfTI-1 or NIfTI-2
