@@ -39,7 +39,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = REPO / "bundles" / "fetal_head_us_segmentation"
@@ -67,7 +66,9 @@ def _env() -> dict[str, str]:
 
 def _load(path: Path) -> dict | None:
     """The checkpoint at ``path``, None when absent; raises when it exists but does not load."""
-    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+    from custom_nets.checkpoints import load_checkpoint
+
+    return load_checkpoint(path) if path.exists() else None
 
 
 def _epochs_done(checkpoint: dict | None) -> int:
