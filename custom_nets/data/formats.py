@@ -11,6 +11,7 @@ Who uses which (each caller keeps its own accepted set; they differ on purpose):
 - :data:`IMAGE_SUFFIXES`: 2D folder inference's default listing (:func:`custom_nets.engines.folder_inference.list_images`);
 - :data:`PICTURE_SUFFIXES`, :data:`NIFTI_SUFFIXES`, :data:`DICOM_SUFFIXES`: the 2D image check and reader
   (:mod:`custom_nets.data.image2d`);
+- :data:`DICOM_SUFFIXES`: also the single-image DICOM inputs that DICOM SEG output refers to (:mod:`custom_nets.engines.dicom_seg`);
 - :data:`FRAME_SUFFIXES`, :data:`VIDEO_SUFFIXES`, :data:`DICOM_SUFFIXES`: stream sources (:mod:`custom_nets.engines.stream`,
   :mod:`custom_nets.data.synthetic_cine`);
 - :data:`VOLUME_SUFFIXES`, :data:`METAIMAGE_DATA_SUFFIXES`, :data:`DICOM_SERIES_FILE_SUFFIXES` (with ``.ima``):

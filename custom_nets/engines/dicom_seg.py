@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from custom_nets.atomic_write import atomic_path
-from custom_nets.data.image2d import DICOM_SUFFIXES
+from custom_nets.data.formats import DICOM_SUFFIXES
 from custom_nets.data.volume_io import dicom_series_files
 from custom_nets.engines.case_writers import split_suffix
 from custom_nets.errors import InputError
