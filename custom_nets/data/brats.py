@@ -36,7 +36,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type
 
-from custom_nets.data.atomic_write import atomic_path
+from custom_nets.atomic_write import atomic_path
 from custom_nets.data.splits import load_or_create_datalist
 from custom_nets.data.volume_io import GRID_AFFINE_TOLERANCE, check_same_grid, read_volume
 from custom_nets.errors import InputError
