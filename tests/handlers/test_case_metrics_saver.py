@@ -21,7 +21,7 @@ from _case_metrics_ddp import Passthrough, square
 
 from custom_nets.handlers.case_metrics_saver import CaseMetricsSaver
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # (prediction, label) per case: Dice 1, Dice 2*16/(16+36) and an empty prediction (Dice 0, HD95 undefined)
@@ -116,7 +116,7 @@ DDP_SCRIPT = Path(__file__).with_name("_case_metrics_ddp.py")
 
 
 def _evaluate(out: Path, nproc: int, *args: str) -> Path:
-    """``tests/_case_metrics_ddp.py`` as one plain process, or under real torchrun with ``nproc`` gloo processes."""
+    """``tests/handlers/_case_metrics_ddp.py`` as one plain process, or under real torchrun with ``nproc`` gloo processes."""
     launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, *launcher, str(DDP_SCRIPT), str(out), *args], capture_output=True, text=True, env=env)

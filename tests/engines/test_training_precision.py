@@ -22,7 +22,7 @@ import torch
 from custom_nets.engines.fast_path import PrecisionUnavailableError, native_bf16
 from custom_nets.engines.training_precision import PrecisionInferer, TrainingPrecision, choose_training_precision
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "fetal_head_us_segmentation"
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "fetal_head_us_segmentation"
 CPU = "$torch.device('cpu')"  # the CPU paths are under test, also on a machine with a GPU
 TINY = ["--image_size", "64", "--num_workers", "0", "--train#trainer#max_epochs", "1", "--train#dataloader#batch_size", "2"]
 AVX2_CPU = {"model": "Test CPU", "flags": ["avx2"], "torch_capability": "AVX2", "onednn_max_isa": None}

@@ -1,10 +1,10 @@
 """
-Run by tests/test_case_metrics_saver.py, as one plain process or under ``torchrun`` (gloo, CPU): a MONAI
+Run by tests/handlers/test_case_metrics_saver.py, as one plain process or under ``torchrun`` (gloo, CPU): a MONAI
 SupervisedEvaluator with a CaseMetricsSaver over seven cases of different sizes, one with an empty
 prediction (Hausdorff distance inf) and some with a text column.
 
-    python tests/_case_metrics_ddp.py OUT [--even_divisible]
-    python -m torch.distributed.run --nproc_per_node=2 tests/_case_metrics_ddp.py OUT [--even_divisible]
+    python tests/handlers/_case_metrics_ddp.py OUT [--even_divisible]
+    python -m torch.distributed.run --nproc_per_node=2 tests/handlers/_case_metrics_ddp.py OUT [--even_divisible]
 
 Each rank writes to ``OUT/rank<r>`` (only rank 0 should write anything) and puts its
 ``engine.state.metrics`` in ``OUT/state_rank<r>.json``.

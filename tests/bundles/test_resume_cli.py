@@ -21,7 +21,7 @@ from custom_nets.data.synthetic_hc18 import generate
 
 pytestmark = pytest.mark.slow
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "fetal_head_us_segmentation"
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "fetal_head_us_segmentation"
 EPOCHS = 3
 SMALL = ["--image_size", "64", "--train#dataloader#batch_size", "2", "--train#trainer#max_epochs", str(EPOCHS)]
 
@@ -157,7 +157,7 @@ def test_the_same_seed_gives_the_same_weights(dataset, tmp_path):
 
 def test_kill_resume_fuzz_benchmark_runs_clean(tmp_path):
     """``benchmarks/kill_resume_fuzz.py`` at its smallest: random SIGKILLs, every check passes."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kill_resume_fuzz.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kill_resume_fuzz.py"
     command = [sys.executable, str(script), "--kills", "2", "--epochs", "3", "--work_dir", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

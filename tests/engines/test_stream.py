@@ -25,7 +25,7 @@ from custom_nets.data.synthetic_cine import synthetic_cine, write_frames, write_
 from custom_nets.engines.stream import DicomSource, FolderSource, StreamInference, open_source, run_stream, stream_command
 from custom_nets.errors import InputError
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "fetal_head_us_segmentation"
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "fetal_head_us_segmentation"
 PIXEL_MM = 0.2
 
 try:

@@ -19,7 +19,7 @@ import pytest
 
 from custom_nets.metrics.nodules import NODULE_TABLE_COLUMNS
 
-CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "lung_nodule_ct_segmentation" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "bundles" / "lung_nodule_ct_segmentation" / "configs"
 TINY = ["--image_size", "[64,64]", "--num_workers", "0"]
 TINY_TRAIN = [*TINY, "--patch_size", "[64,64]", "--slices_per_volume", "2", "--volumes_per_batch", "2"]
 

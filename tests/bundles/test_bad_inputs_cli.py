@@ -30,7 +30,7 @@ from test_bad_inputs import read_only_dir  # noqa: F401  (a fixture, used by nam
 
 pytestmark = pytest.mark.slow
 
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 RNG = np.random.default_rng(7)
 PICTURE = (RNG.random((48, 64)) * 255).astype(np.uint8)
 CT = (RNG.random((24, 24, 6)) * 1400 - 1000).astype(np.float32)

@@ -26,7 +26,7 @@ from custom_nets import AdaptiveCENet
 
 pytestmark = pytest.mark.slow
 
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 NAMES = ["001_HC", "011_HC", "017_HC", "017_2HC", "022_HC"]
 # one thread everywhere: torchrun sets OMP_NUM_THREADS=1 in its processes, and the single-process run
 # must sum in the same order for the tables to be equal to the last digit

@@ -1,7 +1,7 @@
 """
 Every bundle's ``multi_gpu_evaluate.json`` on top of its ``train.json`` and ``evaluate.json``: each case once
 (no shuffling, no padding), the per-case metrics handler on every rank (its save is collective), the model
-card's command. The fetal bundle's 2-process run is in ``tests/test_fetal_head_bundle.py``.
+card's command. The fetal bundle's 2-process run is in ``tests/bundles/test_fetal_head_bundle.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from monai.bundle import ConfigParser
 
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 NAMES = ["fetal_head_us_segmentation", "brain_tumor_mri_segmentation", "lung_nodule_ct_segmentation"]
 CONFIGS = ["train.json", "evaluate.json", "multi_gpu_evaluate.json"]
 

@@ -30,7 +30,7 @@ from custom_nets.data.synthetic_hc18 import generate
 
 pytestmark = pytest.mark.slow
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "fetal_head_us_segmentation"
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "fetal_head_us_segmentation"
 SCHEMA = BUNDLE.parent / "schema" / "meta_schema_20240725.json"
 TINY = ["--image_size", "64", "--num_workers", "0", "--train#trainer#max_epochs", "1", "--train#dataloader#batch_size", "2"]
 # 10 real images of 9 subjects (017 has a second scan), so the split has all three parts

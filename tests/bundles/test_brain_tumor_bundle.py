@@ -20,7 +20,7 @@ import torch
 
 from custom_nets import AdaptiveCENet
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "brain_tumor_mri_segmentation"
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "brain_tumor_mri_segmentation"
 CONFIGS = BUNDLE / "configs"
 SAMPLE_LAYOUT = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'layout_brats2013.json'}']"
 SAMPLE_EVALUATE = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'layout_brats2013.json'}','{CONFIGS / 'evaluate.json'}']"

@@ -12,7 +12,7 @@ from custom_nets.networks.blocks.resnet_encoder import ResNetEncoder
 from custom_nets.networks.nets.adaptive_cenet import AdaptiveCENet
 from custom_nets.networks.utils import load_pretrained_encoder
 
-KEY_LIST = Path(__file__).parent / "data" / "torchvision_resnet34_keys.txt"
+KEY_LIST = Path(__file__).parent / "torchvision_resnet34_keys.txt"
 
 
 def torchvision_resnet34_shapes() -> dict[str, tuple[int, ...]]:

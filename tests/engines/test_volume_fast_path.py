@@ -27,7 +27,7 @@ import torch
 
 pytest.importorskip("onnxruntime", reason="the INT8 path needs the optional extra custom_nets[fast]")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # 64x64 slices; sw_batch_size stays the bundle's, so the INT8 model sees batches of several slices
 SMALL = {"image_size": [64, 64]}
 
