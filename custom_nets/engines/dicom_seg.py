@@ -254,17 +254,18 @@ class DicomSegWriter:
         return {"dicom_seg": f"skipped: {reason}"}
 
     def __call__(self, case: Mapping[str, Any]) -> dict[str, str]:
-        segments = self._descriptions()
         meta = getattr(case.get(self.image_key), "meta", None) or {}
-        labels = torch.as_tensor(case[self.pred_key]).detach().cpu().numpy()
-        if meta.get("source_format") == "dicom":
-            return self._series(meta, labels, segments)
         filename = str(meta.get("filename_or_obj", ""))
-        if filename.lower().endswith(DICOM_SUFFIXES):
-            return self._single_image(filename, labels, segments)
-        name, suffix = split_suffix(filename)
-        kind = meta.get("source_format") or suffix.lstrip(".").upper() or "this"
-        return self._skip(str(meta.get("case") or name or "case"), f"{kind} input is not DICOM")
+        from_series = meta.get("source_format") == "dicom"
+        if not from_series and not filename.lower().endswith(DICOM_SUFFIXES):
+            name, suffix = split_suffix(filename)
+            kind = meta.get("source_format") or suffix.lstrip(".").upper() or "this"
+            return self._skip(str(meta.get("case") or name or "case"), f"{kind} input is not DICOM")
+        segments = self._descriptions()
+        labels = torch.as_tensor(case[self.pred_key]).detach().cpu().numpy()
+        if from_series:
+            return self._series(meta, labels, segments)
+        return self._single_image(filename, labels, segments)
 
     def _series(self, meta: Mapping[str, Any], labels: np.ndarray, segments: list[tuple[int, Any]]) -> dict[str, str]:
         """A volume read from a DICOM series: one SEG frame per source slice."""
